@@ -1,0 +1,5 @@
+"""Virtual patient cohort and radiograph simulator (COHORT.md).
+
+Everything made here is synthetic: simulated patients and simulated radiographs, for training,
+tests and demonstrations. No figure computed on it is a clinical accuracy.
+"""

@@ -1,0 +1,1 @@
+"""Central service: MQTT subscriber, result store and web UI with live updates."""

@@ -1,0 +1,1 @@
+"""On-device runtime: DICOM ingest, preprocessing, inference, explanations, outbox, screen."""

@@ -1,0 +1,1 @@
+"""Digitizer adapters (C-STORE, hot folder, serial) that spool complete studies atomically."""

@@ -1,0 +1,1 @@
+"""The fusion network (PyTorch): training, calibration, evaluation, ONNX export."""

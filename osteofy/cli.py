@@ -1,0 +1,195 @@
+"""The ``osteofy`` command: parsing and wiring only; the work lives in importable functions.
+
+Exit codes: 0 done; 2 usage or configuration error; 3 input rejected; 4 a needed service or
+model is unavailable (DESIGN.md, "Command line").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from osteofy import __version__
+from osteofy.errors import OsteofyError, Unavailable, UsageError
+
+log = logging.getLogger("osteofy")
+OWN_LOGGERS = ("osteofy", "cohort", "edge", "model", "quantize", "firmware_bridge", "dashboard")
+
+# Subcommands of DESIGN.md that later versions provide; they answer with a clear message.
+PLANNED = {
+    "train": "training the fusion model",
+    "evaluate": "model evaluation",
+    "export": "ONNX export",
+    "quantize": "INT8 quantization",
+    "build-engine": "TensorRT engine build",
+    "screen": "one-shot screening",
+    "edge": "the edge runtime",
+    "bridge": "the digitizer bridge",
+    "dashboard": "the central dashboard",
+    "bench": "pipeline benchmarks",
+    "doctor": "the device self-check",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so main() owns every exit code."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog.removeprefix('osteofy').strip() or 'usage'}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    if args.check is not None:
+        from cohort.check import check_directory
+
+        report = check_directory(Path(args.check))
+        _print_report(report, args.json)
+        return 0 if report.ok else 3
+    if args.check_sampler:
+        from cohort.check import check_plan
+
+        report = check_plan(args.site, args.n or 20000, args.seed, args.preset)
+        _print_report(report, args.json)
+        return 0 if report.ok else 3
+    if args.out is None or args.n is None:
+        raise UsageError("osteofy simulate: --out and --n are required (or use --check DIR)")
+    from cohort.generate import SimulateOptions, simulate
+
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    manifest = simulate(
+        Path(args.out),
+        args.site,
+        args.n,
+        args.seed,
+        preset=args.preset,
+        options=SimulateOptions(
+            max_side=args.max_side,
+            compression=args.compress,
+            counterfactual=not args.no_counterfactual,
+            workers=workers,
+        ),
+        progress=not args.quiet,
+    )
+    print(f"wrote {args.n} synthetic {args.site} radiographs and {manifest}")
+    return 0
+
+
+def _print_report(report, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print(report.text())
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from osteofy.demo import run_demo
+
+    return run_demo(Path(args.out), scans=args.scans, quiet=args.quiet)
+
+
+def _planned(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise Unavailable(
+            f"osteofy {name}: {PLANNED[name]} is not part of version {__version__} yet"
+        )
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="osteofy",
+        description="Explainable osteoporosis screening on the X-ray device. "
+        "A screening aid, not a diagnosis: confirm with DXA.",
+    )
+    parser.add_argument("--version", action="version", version=f"osteofy {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    sim = sub.add_parser("simulate", help="render a virtual cohort (synthetic DICOM + manifest)")
+    sim.add_argument("--site", choices=("hand", "hip"), default="hand")
+    sim.add_argument("--n", type=_positive_int, help="number of images")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", help="output folder")
+    sim.add_argument("--preset", default="brief_cohort", help="brief_cohort | nhanes_2017")
+    sim.add_argument("--workers", type=_positive_int, help="processes (default: all cores)")
+    sim.add_argument(
+        "--max-side",
+        type=_positive_int,
+        dest="max_side",
+        help="coarsen the detector pitch so no side exceeds this many pixels",
+    )
+    sim.add_argument(
+        "--compress",
+        default="auto",
+        choices=("auto", "none", "j2k"),
+        help="auto: 20%% lossy JPEG 2000 as COHORT.md; j2k: all lossless",
+    )
+    sim.add_argument(
+        "--no-counterfactual",
+        action="store_true",
+        help="skip the counterfactual attribution map (faster)",
+    )
+    sim.add_argument("--check", metavar="DIR", help="run the acceptance checks on a cohort folder")
+    sim.add_argument(
+        "--check-sampler",
+        action="store_true",
+        help="run the acceptance checks on the sampler alone (no images)",
+    )
+    sim.add_argument("--json", action="store_true", help="checks as JSON")
+    sim.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sim.set_defaults(func=_cmd_simulate)
+
+    demo = sub.add_parser("demo", help="the whole chain on this machine")
+    demo.add_argument("--out", default="var/demo", help="working folder (default var/demo)")
+    demo.add_argument("--scans", type=_positive_int, default=4, help="scans per site")
+    demo.add_argument("--headless", action="store_true", help="no screen needed (the default now)")
+    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+
+    for name, what in PLANNED.items():
+        p = sub.add_parser(name, help=f"{what} (not yet available)", add_help=True)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=_planned(name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        # Third-party libraries log at WARNING; our own parts at INFO (DEBUG with -v).
+        logging.basicConfig(
+            level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        for name in OWN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        return int(args.func(args))
+    except OsteofyError as exc:
+        print(f"osteofy: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("osteofy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""INT8 post-training quantization (QDQ ONNX), fidelity report, TensorRT engine build/cache."""
