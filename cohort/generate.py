@@ -85,7 +85,8 @@ def _meta(
         window=window,
         patient_name=f"SYNTHETIC^CASE-{i:06d}",
         patient_id=f"SYN-{plan.seed}-{site.upper()}-{i:06d}",
-        age_years=int(p["age_years"]),
+        # Completed years of the age the manifest records (rounded to 0.01 y there).
+        age_years=int(round(float(p["age_years"]), 2)),
         sex="M" if p["sex_male"] else "F",
         weight_kg=round(float(p["weight_kg"]), 1),
         height_m=round(float(p["height_m"]), 2),

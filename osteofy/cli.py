@@ -23,9 +23,6 @@ OWN_LOGGERS = ("osteofy", "cohort", "edge", "model", "quantize", "firmware_bridg
 
 # Subcommands of DESIGN.md that later versions provide; they answer with a clear message.
 PLANNED = {
-    "train": "training the fusion model",
-    "evaluate": "model evaluation",
-    "export": "ONNX export",
     "quantize": "INT8 quantization",
     "build-engine": "TensorRT engine build",
     "screen": "one-shot screening",
@@ -41,7 +38,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main() owns every exit code."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog.removeprefix('osteofy').strip() or 'usage'}: {message}")
+        sub = self.prog.removeprefix("osteofy").strip()
+        raise UsageError(f"{sub}: {message}" if sub else message)
 
 
 def _positive_int(text: str) -> int:
@@ -97,6 +95,62 @@ def _print_report(report, as_json: bool) -> None:
         print(report.text())
 
 
+def _need_torch(what: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise Unavailable(
+            f"{what} needs PyTorch: pip install -e '.[train]' (the device runtime does not)"
+        ) from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    _need_torch("train")
+    from model.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        site=args.site,
+        backbone=args.backbone,
+        size=args.size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        image_only=args.image_only,
+        threads=args.threads or 0,
+    )
+    ckpt = train(Path(args.data), Path(args.out), cfg, progress=not args.quiet)
+    print(f"wrote {ckpt}; next: osteofy export {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    _need_torch("export")
+    from model.export import export_package
+
+    card = export_package(Path(args.model_dir), name=args.name, version=args.version)
+    print(f"wrote {Path(args.model_dir) / 'model.onnx'} and {card}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from model.evaluate import evaluate, write_report
+
+    report = evaluate(
+        Path(args.model_dir),
+        Path(args.data),
+        precision=args.precision,
+        image_only=Path(args.image_only) if args.image_only else None,
+        explain_n=args.explain,
+        progress=not args.quiet,
+    )
+    paths = write_report(report, Path(args.out) if args.out else Path(args.model_dir) / "eval")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from osteofy.demo import run_demo
 
@@ -105,9 +159,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _planned(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        raise Unavailable(
-            f"osteofy {name}: {PLANNED[name]} is not part of version {__version__} yet"
-        )
+        raise Unavailable(f"{name}: {PLANNED[name]} is not part of version {__version__} yet")
 
     return run
 
@@ -156,6 +208,46 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(func=_cmd_simulate)
 
+    tr = sub.add_parser("train", help="train the fusion model on a folder (needs PyTorch)")
+    tr.add_argument("--data", required=True, help="folder with images and manifest/labels CSV")
+    tr.add_argument("--site", required=True, choices=("hand", "hip"))
+    tr.add_argument("--out", required=True, help="model folder, e.g. models/hand-v1")
+    tr.add_argument(
+        "--backbone",
+        default="mobilenet_v3_small",
+        choices=("mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2"),
+    )
+    tr.add_argument("--size", type=_positive_int, default=320, help="input size in pixels")
+    tr.add_argument("--epochs", type=_positive_int, default=14)
+    tr.add_argument("--batch-size", type=_positive_int, default=32, dest="batch_size")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=_positive_int, help="PyTorch threads")
+    tr.add_argument(
+        "--image-only",
+        action="store_true",
+        dest="image_only",
+        help="train a baseline that never sees clinical facts",
+    )
+    tr.add_argument("-q", "--quiet", action="store_true")
+    tr.set_defaults(func=_cmd_train)
+
+    ex = sub.add_parser("export", help="write model.onnx and card.json from a checkpoint")
+    ex.add_argument("model_dir")
+    ex.add_argument("--name", help="model name (default: the folder name)")
+    ex.add_argument("--version", default="1.0.0")
+    ex.set_defaults(func=_cmd_export)
+
+    ev = sub.add_parser("evaluate", help="evaluate a model package on a labelled folder")
+    ev.add_argument("model_dir")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
+    ev.add_argument("--image-only", dest="image_only", help="image-only baseline package")
+    ev.add_argument("--explain", type=int, default=200, help="images for explanation metrics")
+    ev.add_argument("--out", help="report folder (default MODEL_DIR/eval)")
+    ev.add_argument("--json", action="store_true", help="print the metrics JSON")
+    ev.add_argument("-q", "--quiet", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
+
     demo = sub.add_parser("demo", help="the whole chain on this machine")
     demo.add_argument("--out", default="var/demo", help="working folder (default var/demo)")
     demo.add_argument("--scans", type=_positive_int, default=4, help="scans per site")
@@ -165,14 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, what in PLANNED.items():
         p = sub.add_parser(name, help=f"{what} (not yet available)", add_help=True)
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         p.set_defaults(func=_planned(name))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command not in PLANNED:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         # Third-party libraries log at WARNING; our own parts at INFO (DEBUG with -v).
         logging.basicConfig(
             level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -180,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in OWN_LOGGERS:
             logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
         if args.command is None:
-            build_parser().print_help()
+            parser.print_help()
             return 2
         return int(args.func(args))
     except OsteofyError as exc:

@@ -12,7 +12,7 @@
 OSTEOFY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OSTEOFY_VENV="$OSTEOFY_ROOT/.venv"
 OSTEOFY_STAMP="$OSTEOFY_VENV/.osteofy-stamp"
-OSTEOFY_EXTRAS="dev"
+OSTEOFY_EXTRAS="dev,train"
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_NO_INPUT=1

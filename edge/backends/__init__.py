@@ -1,0 +1,1 @@
+"""Inference backends. Each imports its heavy library only when constructed."""

@@ -1,0 +1,35 @@
+"""ONNX Runtime backend (CPU): the default everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+OUTPUTS = ("probs", "tscore", "cam", "clinical_attr", "ood")
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+
+    def run(self, image: NDArray, clinical: NDArray) -> dict[str, NDArray]:
+        out = self.session.run(
+            list(OUTPUTS),
+            {
+                "image": np.ascontiguousarray(image, dtype=np.float32),
+                "clinical": np.ascontiguousarray(clinical, dtype=np.float32),
+            },
+        )
+        return dict(zip(OUTPUTS, out, strict=True))

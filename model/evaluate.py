@@ -1,0 +1,365 @@
+"""``osteofy evaluate``: a model package on a labelled folder, with baselines in the same run.
+
+Runs the *shipped* ONNX graph through ONNX Runtime (what a device runs), then reports with 95 %
+bootstrap intervals: AUROC osteoporosis-vs-rest and low-BMD-vs-normal, accuracy, sensitivity and
+specificity at the card's referral threshold, ECE, T-score MAE. Baselines on the same images:
+the OST rule, the clinical-only logistic model stored in the card, an image-only model package
+(when given), and — on a virtual cohort — the oracle ceiling from the latent variables.
+Explanation quality uses the cohort's masks and counterfactual maps.
+
+Figures computed on the virtual cohort are synthetic: they check the software, they are not a
+clinical accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cohort.stats import auroc
+from edge.backends.onnxruntime import OnnxRuntimeBackend
+from edge.clinical import all_missing, clinical_vector
+from edge.package import ModelPackage, load_package
+from edge.preprocess import map_to_input, normalise, preprocess_to_uint8
+from model.data import Dataset, load_folder, read_raw
+
+N_BOOT = 1000
+
+
+@dataclass(frozen=True)
+class Predictions:
+    probs: NDArray
+    tscore: NDArray
+    ood: NDArray
+
+
+def run_package(
+    pkg: ModelPackage, ds: Dataset, precision: str = "fp32", batch: int = 32
+) -> Predictions:
+    backend = OnnxRuntimeBackend(pkg.model_file(precision))
+    clinical = np.stack([clinical_vector(f, pkg.clinical) for f in ds.facts])
+    if not pkg.card.get("clinical_inputs", True):
+        clinical = all_missing(clinical)
+    probs, tscore, ood = [], [], []
+    for a in range(0, len(ds), batch):
+        out = backend.run(
+            normalise(ds.images[a : a + batch], pkg.preprocess), clinical[a : a + batch]
+        )
+        probs.append(out["probs"])
+        tscore.append(out["tscore"][:, 0])
+        ood.append(out["ood"][:, 0])
+    return Predictions(np.concatenate(probs), np.concatenate(tscore), np.concatenate(ood))
+
+
+def ece(probs: NDArray, labels: NDArray, bins: int = 15) -> float:
+    """Expected calibration error of the top-label confidence (Guo et al. 2017)."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            total += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(total)
+
+
+def _metric_fns(threshold: float) -> dict:
+    def sens(p: NDArray, y: NDArray, t: NDArray) -> float:
+        pos = y == 2
+        return float((p[pos, 2] >= threshold).mean()) if pos.any() else math.nan
+
+    def spec(p: NDArray, y: NDArray, t: NDArray) -> float:
+        neg = y != 2
+        return float((p[neg, 2] < threshold).mean()) if neg.any() else math.nan
+
+    return {
+        "auroc_osteoporosis": lambda p, y, t: auroc(p[:, 2], y == 2),
+        "auroc_low_bmd": lambda p, y, t: auroc(p[:, 1] + p[:, 2], y >= 1),
+        "accuracy": lambda p, y, t: float((p.argmax(1) == y).mean()),
+        "sensitivity_at_referral": sens,
+        "specificity_at_referral": spec,
+        "ece": lambda p, y, t: ece(p, y),
+    }
+
+
+def bootstrap(fn, n: int, rng: np.random.Generator, *arrays) -> tuple[float, list[float]]:
+    """Point value and 95 % percentile interval over ``N_BOOT`` resamples (paired)."""
+    value = fn(*arrays)
+    samples = []
+    for _ in range(N_BOOT):
+        idx = rng.integers(0, n, n)
+        try:
+            samples.append(fn(*(a[idx] for a in arrays)))
+        except ValueError:  # a resample with one class only
+            continue
+    lo, hi = np.nanpercentile(samples, [2.5, 97.5])
+    return float(value), [float(lo), float(hi)]
+
+
+def _scored(value_ci: tuple[float, list[float]]) -> dict:
+    return {"value": round(value_ci[0], 4), "ci95": [round(x, 4) for x in value_ci[1]]}
+
+
+def clinical_only_scores(pkg: ModelPackage, ds: Dataset) -> NDArray | None:
+    """P(osteoporosis) of the clinical-only logistic baseline stored in the card."""
+    base = pkg.card.get("baselines", {}).get("clinical_only")
+    if not base:
+        return None
+    x = np.stack([clinical_vector(f, pkg.clinical) for f in ds.facts])
+    w = np.asarray(base["weights"])
+    return 1.0 / (1.0 + np.exp(-(base["bias"] + x @ w)))
+
+
+def evaluate(
+    model_dir: Path,
+    data: Path,
+    precision: str = "fp32",
+    image_only: Path | None = None,
+    explain_n: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    pkg = load_package(model_dir)
+    site = pkg.card["sites"][0]
+    ds = load_folder(data, pkg.preprocess, site=site, progress=progress)
+    pred = run_package(pkg, ds, precision)
+    y = ds.labels
+    rng = np.random.default_rng(seed)
+    thr = float(pkg.card["referral"]["threshold"])
+    metrics = {
+        name: _scored(bootstrap(fn, len(ds), rng, pred.probs, y, ds.tscore))
+        for name, fn in _metric_fns(thr).items()
+    }
+    known = ~np.isnan(ds.tscore)
+    if known.any():
+        metrics["tscore_mae"] = _scored(
+            bootstrap(
+                lambda a, b: float(np.abs(a - b).mean()),
+                int(known.sum()),
+                rng,
+                pred.tscore[known],
+                ds.tscore[known],
+            )
+        )
+    fused = pred.probs[:, 2]
+    pos = y == 2
+    baselines: dict = {}
+    diffs: dict = {}
+
+    def compare(name: str, score: NDArray) -> None:
+        baselines[name] = {
+            "auroc_osteoporosis": _scored(
+                bootstrap(lambda s, t: auroc(s, t), len(ds), rng, score, pos)
+            )
+        }
+        diffs[f"fused_minus_{name}"] = _scored(
+            bootstrap(lambda a, b, t: auroc(a, t) - auroc(b, t), len(ds), rng, fused, score, pos)
+        )
+
+    ost = _ost(ds)
+    if ost is not None:
+        compare("ost_rule", -ost)
+    clin = clinical_only_scores(pkg, ds)
+    if clin is not None:
+        compare("clinical_only", clin)
+    if image_only is not None:
+        img_pkg = load_package(image_only)
+        compare("image_only", run_package(img_pkg, ds, "fp32").probs[:, 2])
+    oracle = _oracle(ds, site)
+    if oracle:
+        baselines["oracle"] = oracle
+    ood_thr = float(pkg.card["ood"]["threshold"])
+    report = {
+        "model": pkg.name,
+        "precision": precision,
+        "data": str(data),
+        "n": len(ds),
+        "synthetic_data": (data / "cohort.json").is_file(),
+        "class_counts": {c: int((y == k).sum()) for k, c in enumerate(pkg.classes)},
+        "referral_threshold": thr,
+        "metrics": metrics,
+        "baselines": baselines,
+        "differences": diffs,
+        "ood": {"threshold": ood_thr, "share_below": round(float((pred.ood < ood_thr).mean()), 4)},
+    }
+    if explain_n > 0 and any((data / r.get("masks_file", "")).is_file() for r in ds.rows[:1]):
+        report["explanations"] = explanation_quality(pkg, ds, precision, explain_n)
+    scores = {"fused": fused}
+    if ost is not None:
+        scores["OST rule"] = -ost
+    if clin is not None:
+        scores["clinical only"] = clin
+    report["_plots"] = {"labels": y, "probs": pred.probs, "scores": scores}
+    return report
+
+
+def _ost(ds: Dataset) -> NDArray | None:
+    try:
+        w = np.array([float(r["weight_kg"]) for r in ds.rows])
+        a = np.array([float(r["age_years"]) for r in ds.rows])
+    except (KeyError, ValueError):
+        return None
+    return 0.2 * (w - a)
+
+
+def _oracle(ds: Dataset, site: str) -> dict:
+    """Oracle AUROCs from the latent variables, when the folder is a virtual cohort."""
+    rows = ds.rows
+    if "t_site" not in rows[0]:
+        return {}
+    from cohort.check import oracle_posteriors
+    from cohort.presets import get_preset
+    from cohort.sampler import RISK_FACTORS
+
+    info = (
+        json.loads((ds.folder / "cohort.json").read_text())
+        if (ds.folder / "cohort.json").is_file()
+        else {}
+    )
+    preset = get_preset(info.get("preset", "brief_cohort"))
+    p = {
+        k: np.array([float(r[k]) for r in rows])
+        for k in ("age_years", "bmi", "height_m", *RISK_FACTORS)
+    }
+    p["sex_male"] = np.array([r["sex"] == "M" for r in rows], dtype=float)
+    t_site = np.array([float(r["t_site"]) for r in rows])
+    post = oracle_posteriors(p, t_site, site, preset)
+    return {k: round(auroc(v, ds.labels == 2), 4) for k, v in post.items()}
+
+
+def explanation_quality(pkg: ModelPackage, ds: Dataset, precision: str, n: int) -> dict:
+    """Grad-CAM energy in signal and nuisance masks, and agreement with the counterfactual map."""
+    import cv2
+
+    from cohort.generate import load_masks
+
+    backend = OnnxRuntimeBackend(pkg.model_file(precision))
+    in_signal, area_signal, on_nuisance, rank_corr = [], [], [], []
+    for i in range(min(n, len(ds))):
+        row = ds.rows[i]
+        raw = read_raw(ds.folder / row["file"])
+        square, geom = preprocess_to_uint8(raw, pkg.preprocess)
+        clin = clinical_vector(ds.facts[i], pkg.clinical)[None]
+        out = backend.run(normalise(square, pkg.preprocess)[None], clin)
+        k = int(out["probs"][0].argmax())
+        cam = cv2.resize(out["cam"][0, k], (geom.size, geom.size), interpolation=cv2.INTER_LINEAR)
+        cam = np.maximum(cam, 0.0)
+        total = float(cam.sum())
+        if total <= 0:
+            continue
+        masks = load_masks(ds.folder / row["masks_file"])
+        ir0, ir1, ic0, ic1 = geom.input_box()
+        content = np.zeros_like(cam, dtype=bool)
+        content[ir0:ir1, ic0:ic1] = True
+        signal = map_to_input(masks["signal"], geom, nearest=True) > 0.5
+        in_signal.append(float(cam[signal].sum()) / total)
+        area_signal.append(float(signal.sum()) / float(content.sum()))
+        nuis = np.zeros_like(signal)
+        for name in ("marker", "text"):
+            if name in masks:
+                nuis |= map_to_input(masks[name], geom, nearest=True) > 0.5
+        on_nuisance.append(float(cam[nuis].sum()) / total)
+        if "counterfactual" in masks:
+            cf = map_to_input(masks["counterfactual"], geom)
+            a, b = cam[content], cf[content]
+            ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+            rank_corr.append(float(np.corrcoef(ra, rb)[0, 1]))
+
+    def mean(v: list[float]) -> float | None:
+        return round(float(np.mean(v)), 4) if v else None
+
+    return {
+        "n": len(in_signal),
+        "cam_energy_in_signal": mean(in_signal),
+        "signal_area_share": mean(area_signal),
+        "cam_energy_on_markers_text": mean(on_nuisance),
+        "cam_vs_counterfactual_spearman": mean(rank_corr),
+    }
+
+
+def write_report(report: dict, out: Path) -> list[Path]:
+    """JSON + markdown (+ the PNG plots already in ``report['_plots']``) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = report.pop("_plots", None)
+    paths = [out / "metrics.json", out / "report.md"]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown(report))
+    if plots is not None:
+        paths += _write_plots(out, plots)
+    return paths
+
+
+def _fmt(m: dict) -> str:
+    return f"{m['value']:.3f} ({m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})"
+
+
+def markdown(r: dict) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in r["class_counts"].items())
+    lines = [
+        f"# Evaluation of {r['model']} ({r['precision']})",
+        "",
+        f"Data: `{r['data']}`, n = {r['n']} ({counts})."
+        + (
+            " **Synthetic virtual cohort: not a clinical accuracy.**" if r["synthetic_data"] else ""
+        ),
+        "",
+        "| metric | value (95 % bootstrap CI) |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in r["metrics"].items()]
+    lines += [
+        "",
+        f"Referral threshold P(osteoporosis) >= {r['referral_threshold']:.3f}.",
+        "",
+        "| baseline (same images) | AUROC osteoporosis vs rest |",
+        "|---|---|",
+    ]
+    for k, v in r["baselines"].items():
+        if k == "oracle":
+            lines += [
+                f"| oracle ceiling ({name}, latent variables) | {val:.3f} |"
+                for name, val in v.items()
+            ]
+        else:
+            lines.append(f"| {k} | {_fmt(v['auroc_osteoporosis'])} |")
+    if r["differences"]:
+        lines += ["", "| AUROC difference (paired bootstrap) | value (95 % CI) |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in r["differences"].items()]
+    lines += [
+        "",
+        f"OOD: {100 * r['ood']['share_below']:.1f} % of these images score below the "
+        f"card's threshold {r['ood']['threshold']:.2f}.",
+    ]
+    if "explanations" in r:
+        e = r["explanations"]
+        lines += ["", "| explanation (Grad-CAM of the predicted class) | mean |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in e.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write_plots(out: Path, plots: dict) -> list[Path]:
+    from model.plots import plot_calibration, plot_confusion, plot_roc
+
+    y = plots["labels"]
+    curves = {name: (score, y == 2) for name, score in plots["scores"].items()}
+    return [
+        plot_roc(out / "roc.png", curves, "ROC, osteoporosis vs rest"),
+        plot_calibration(
+            out / "calibration.png",
+            plots["probs"][:, 2],
+            (y == 2).astype(float),
+            "Calibration, P(osteoporosis)",
+        ),
+        plot_confusion(
+            out / "confusion.png",
+            y,
+            plots["probs"].argmax(1),
+            ["normal", "osteopenia", "osteoporosis"],
+        ),
+    ]
