@@ -86,10 +86,21 @@ def heel_ramp(shape: tuple[int, int], exp: Exposure) -> NDArray:
     return ramp[:, None] if exp.heel_axis == 0 else ramp[None, :]
 
 
-def expected_signal(paths: dict[str, NDArray], exp: Exposure, spr_scale: float) -> NDArray:
-    """Noise-free detected fluence (primary + scatter, with heel), relative to the open field."""
+def expected_signal(
+    paths: dict[str, NDArray], exp: Exposure, spr_scale: float, anatomy: NDArray | None = None
+) -> NDArray:
+    """Noise-free detected fluence (primary + scatter, with heel), relative to the open field.
+
+    Scatter comes from the patient, not from the open field beside it: the primary is capped at
+    three times the anatomy's median before the broad scatter kernel is applied, so a strip of
+    open air does not fog the anatomy next to it.
+    """
     ip = primary(paths, exp.kvp)
-    scatter = blur_large(ip, exp.scatter_sigma_mm / exp.pitch_mm)
+    source = ip
+    if anatomy is not None and anatomy.any():
+        cap = 3.0 * float(np.median(ip[::4, ::4][anatomy[::4, ::4]]))
+        source = np.minimum(ip, F32(cap))
+    scatter = blur_large(source, exp.scatter_sigma_mm / exp.pitch_mm)
     signal = ip + F32(exp.spr * spr_scale) * scatter
     signal *= heel_ramp(signal.shape, exp)
     return signal

@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cohort.geometry import Placement, Scene
-from cohort.physics import Exposure, Look, detect, expected_signal, log_image, present
+from cohort.physics import Exposure, Look, detect, expected_signal, log_image, present, primary
 from cohort.sites.base import CaseInputs, Site
 
 F32 = np.float32
@@ -77,7 +77,14 @@ def _marker(scene: Scene, nuisance: dict) -> None:
     (tw, th), _ = cv2.getTextSize(letter, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
     margin = int(round(8.0 / scene.placement.pitch_mm))
     corner = int(nuisance["marker_corner"])
-    x = margin if corner in (0, 2) else cols - margin - tw
+    # Technologists put the marker inside the collimated field, not under a shutter.
+    open_cols = (
+        np.flatnonzero(~scene.masks["collimator"].all(axis=0))
+        if ("collimator" in scene.masks)
+        else np.arange(cols)
+    )
+    first, last = (int(open_cols[0]), int(open_cols[-1])) if open_cols.size else (0, cols - 1)
+    x = first + margin if corner in (0, 2) else last - margin - tw
     y = margin + th if corner in (0, 1) else rows - margin
     m = np.zeros(scene.shape, dtype=np.uint8)
     cv2.putText(m, letter, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 1, thick, cv2.LINE_AA)
@@ -126,7 +133,7 @@ def render_case(
     exposure = Exposure.from_row({**nz, "pitch_mm": placement.pitch_mm})
     spr_scale = site.scatter_scale(case)
     body = scene.masks["body"]
-    signal = expected_signal(scene.paths, exposure, spr_scale)
+    signal = expected_signal(scene.paths, exposure, spr_scale, body)
     counts = detect(signal, body, exposure, np.random.default_rng(noise_seed), exact_poisson)
     ref = float(np.median(signal[::4, ::4][body[::4, ::4]])) if body.any() else 1.0
     open_field = exposure.photons_per_pixel / max(ref, 1e-6)
@@ -147,8 +154,10 @@ def render_case(
         scene_cf = _draw(site, counterfactual, placement, anat_seed)
         if nz["marker"]:
             _marker(scene_cf, nz)
-        p0 = -np.log(np.maximum(signal, 1e-9))
-        p1 = -np.log(np.maximum(expected_signal(scene_cf.paths, exposure, spr_scale), 1e-9))
+        # The attribution map is defined on the primary beam: scatter spreads any change in bone
+        # over the whole image, which says nothing about *where* the information is.
+        p0 = -np.log(np.maximum(primary(scene.paths, exposure.kvp), 1e-9))
+        p1 = -np.log(np.maximum(primary(scene_cf.paths, exposure.kvp), 1e-9))
         cf = cv2.GaussianBlur(np.abs(p0 - p1), (0, 0), 1.0 / placement.pitch_mm).astype(np.float16)
     return Rendered(
         pixels=stored,
