@@ -47,6 +47,7 @@ class SimulateOptions:
     compression: str = "auto"
     counterfactual: bool = True
     workers: int = 1
+    shift: str | None = None
 
 
 def case_stem(plan: CohortPlan, i: int) -> str:
@@ -266,7 +267,7 @@ def simulate(
         raise UsageError(f"--compress must be one of {', '.join(COMPRESSION_MODES)}")
     if opts.max_side is not None and opts.max_side < 64:
         raise UsageError("--max-side must be at least 64 pixels")
-    plan = plan_cohort(site, n, seed, preset)
+    plan = plan_cohort(site, n, seed, preset, opts.shift)
     out.mkdir(parents=True, exist_ok=True)
     rows = manifest_rows(plan)
     from tqdm import tqdm
@@ -288,6 +289,7 @@ def simulate(
         "max_side": opts.max_side,
         "compression": opts.compression,
         "counterfactual": opts.counterfactual,
+        "shift": opts.shift,
         "note": SYNTHETIC_NOTE,
     }
     _atomic_bytes(out / "cohort.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))

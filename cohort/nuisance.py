@@ -103,6 +103,40 @@ def sample_nuisance(n: int, rng: np.random.Generator, spec: AcquisitionSpec) -> 
     }
 
 
+# Distribution shifts for robustness evaluation: another detector type, lower dose, worse
+# positioning than the training distribution. Each is applied on top of a normal draw.
+SHIFTS = ("detector_dose_position",)
+
+
+def apply_shift(table: Table, name: str, rng: np.random.Generator, spec: AcquisitionSpec) -> Table:
+    """Return a copy of ``table`` with the named shift applied (still label-independent)."""
+    if name not in SHIFTS:
+        from osteofy.errors import UsageError
+
+        raise UsageError(f"unknown shift {name!r} (choose from {', '.join(SHIFTS)})")
+    out = dict(table)
+    n = len(out["detector"])
+    # All CR (training: 40 %), dose x0.2-x0.6 (training: x0.25-x4), rotation to +/-20 degrees
+    # and translation to +/-15 % (training: 10 degrees, 10 %).
+    out["detector"] = np.full(n, "CR", dtype=object)
+    plate = [
+        spec.plates_mm.index((w, h))
+        for w, h in zip(out["plate_w_mm"], out["plate_h_mm"], strict=True)
+    ]
+    out["pitch_mm"] = np.array([rng.choice(spec.cr_pitches_mm[k]) for k in plate], dtype=float)
+    dose = np.exp(rng.uniform(np.log(0.2), np.log(0.6), n))
+    out["dose_scale"] = dose
+    out["exposure_index"] = np.round(400.0 * dose, 0)
+    out["photons_per_pixel"] = spec.photons_per_pixel * dose
+    out["mtf_sigma_px"] = rng.uniform(0.7, 1.1, n)
+    out["mtf_tail"] = rng.uniform(0.10, 0.25, n)
+    out["monochrome1"] = (rng.random(n) < 0.40).astype(np.int8)
+    out["rotation_deg"] = rng.uniform(-20.0, 20.0, n)
+    out["shift_x"] = rng.uniform(-0.15, 0.15, n)
+    out["shift_y"] = rng.uniform(-0.15, 0.15, n)
+    return out
+
+
 def row(table: Table, i: int) -> dict:
     """One row of a table as plain Python scalars."""
     out = {}

@@ -171,10 +171,14 @@ class Look:
         )
 
 
-def present(p: NDArray, anatomy: NDArray, look: Look) -> NDArray:
+def present(
+    p: NDArray, anatomy: NDArray, look: Look, tone_range: tuple[float, float] | None = None
+) -> tuple[NDArray, tuple[float, float]]:
     """Multi-scale unsharp masking, latitude reduction, tone curve, quantisation (MONOCHROME2).
 
-    Returns uint16 stored values in [0, 2^bits - 1]; bone is bright.
+    Returns uint16 stored values in [0, 2^bits - 1] (bone is bright) and the tone range used.
+    The range comes from the anatomy's percentiles, as a console's exposure recognition does;
+    ``tone_range`` fixes it instead (to compare the same patient at several bone statuses).
     """
     px = look.pitch_mm
     fine = cv2.GaussianBlur(p, (0, 0), 1.0 / px)
@@ -183,10 +187,13 @@ def present(p: NDArray, anatomy: NDArray, look: Look) -> NDArray:
     if look.latitude > 0:
         broad = blur_large(p, 25.0 / px)
         out -= F32(look.latitude) * (broad - F32(np.median(broad[::8, ::8])))
-    sample = out[::4, ::4][anatomy[::4, ::4]] if anatomy.any() else out[::4, ::4].ravel()
-    lo, hi = np.percentile(sample, [0.5, 99.8])
+    if tone_range is None:
+        sample = out[::4, ::4][anatomy[::4, ::4]] if anatomy.any() else out[::4, ::4].ravel()
+        lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.8]))
+    else:
+        lo, hi = tone_range
     # Open field (below the anatomy's range) and dense metal saturate at the ends of the curve.
     v = np.clip((out - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     v = np.power(v * F32(0.92) + F32(0.04), F32(look.gamma))
     top = (1 << look.bits_stored) - 1
-    return np.round(v * top).astype(np.uint16)
+    return np.round(v * top).astype(np.uint16), (lo, hi)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cohort.latent import site_tscore
-from cohort.nuisance import row, sample_nuisance
+from cohort.nuisance import apply_shift, row, sample_nuisance
 from cohort.presets import CohortPreset, get_preset
 from cohort.render import COUNTERFACTUAL_DELTA
 from cohort.sampler import Table, sample_patients
@@ -59,14 +59,18 @@ class CohortPlan:
         return [self.seed, _SITE_CODES.get(self.site.name, 0), i]
 
 
-def plan_cohort(site_name: str, n: int, seed: int, preset_name: str = "brief_cohort") -> CohortPlan:
+def plan_cohort(
+    site_name: str, n: int, seed: int, preset_name: str = "brief_cohort", shift: str | None = None
+) -> CohortPlan:
     site = get_site(site_name)
     preset = get_preset(preset_name)
-    streams = np.random.SeedSequence([seed, _SITE_CODES.get(site_name, 0)]).spawn(4)
-    rng_pat, rng_site, rng_var, rng_nz = (np.random.default_rng(s) for s in streams)
+    streams = np.random.SeedSequence([seed, _SITE_CODES.get(site_name, 0)]).spawn(5)
+    rng_pat, rng_site, rng_var, rng_nz, rng_shift = (np.random.default_rng(s) for s in streams)
     patients = sample_patients(n, rng_pat, preset)
     t_site = site_tscore(patients["tscore"], site.name, rng_site, preset)
     variation = site.sample_variation(patients, rng_var)
     biomarkers = site.biomarkers(t_site, variation, patients)
     nuisance = sample_nuisance(n, rng_nz, site.acquisition)
+    if shift is not None:
+        nuisance = apply_shift(nuisance, shift, rng_shift, site.acquisition)
     return CohortPlan(site, preset, seed, patients, t_site, variation, biomarkers, nuisance)

@@ -32,6 +32,7 @@ class Rendered:
     counterfactual: NDArray | None  # float16 |p(t) - p(t')| low-passed, same grid as pixels
     counterfactual_t: float | None
     window: tuple[float, float]  # (center, width) suited to the stored values
+    tone_range: tuple[float, float]  # attenuation range mapped to the stored range
 
 
 def detector_grid(nuisance: dict, max_side: int | None) -> tuple[int, int, float]:
@@ -121,6 +122,7 @@ def render_case(
     counterfactual: CaseInputs | None = None,
     counterfactual_t: float | None = None,
     exact_poisson: bool = False,
+    tone_range: tuple[float, float] | None = None,
 ) -> Rendered:
     """Render one radiograph; with ``counterfactual`` (same patient at another site T-score),
     also the attribution map A = |p(t) - p(t')| of COHORT.md §3.10, noise-free and low-passed."""
@@ -138,7 +140,8 @@ def render_case(
     ref = float(np.median(signal[::4, ::4][body[::4, ::4]])) if body.any() else 1.0
     open_field = exposure.photons_per_pixel / max(ref, 1e-6)
     p = log_image(counts, open_field)
-    stored = present(p, body, Look.from_row({**nz, "pitch_mm": placement.pitch_mm}))
+    look = Look.from_row({**nz, "pitch_mm": placement.pitch_mm})
+    stored, used_range = present(p, body, look, tone_range)
     top = (1 << int(nz["bits_stored"])) - 1
     masks = dict(scene.masks)
     if nz["text"]:
@@ -167,6 +170,7 @@ def render_case(
         counterfactual=cf,
         counterfactual_t=counterfactual_t,
         window=window,
+        tone_range=used_range,
     )
 
 

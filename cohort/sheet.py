@@ -47,11 +47,17 @@ def series(
     one_p = {k: v[case_index : case_index + 1] for k, v in plan.patients.items()}
     one_v = {k: v[case_index : case_index + 1] for k, v in plan.variation.items()}
     tiles = []
+    tone: tuple[float, float] | None = None
+    window: tuple[float, float] | None = None
     for t in tscores:
         bm = plan.site.biomarkers(np.array([t]), one_v, one_p)
         case = CaseInputs(base.patient, base.variation, {k: v[0].item() for k, v in bm.items()}, nz)
-        r = render_case(plan.site, case, plan.render_seed(case_index), max_side=max_side)
-        img = display(r.pixels, r.window, r.photometric)
+        # One tone range and window for the row (the first image's), so density is comparable.
+        r = render_case(
+            plan.site, case, plan.render_seed(case_index), max_side=max_side, tone_range=tone
+        )
+        tone, window = tone or r.tone_range, window or r.window
+        img = display(r.pixels, window, r.photometric)
         if crop is not None:
             h, w = img.shape
             img = img[int(crop[0] * h) : int(crop[1] * h), int(crop[2] * w) : int(crop[3] * w)]
@@ -76,3 +82,20 @@ def write_sheet(path: Path, rows: list[NDArray]) -> Path:
     if not cv2.imwrite(str(path), np.vstack(padded)):
         raise OSError(f"could not write {path}")
     return path
+
+
+def docs_sheet(path: Path, seed: int = 7) -> Path:
+    """The contact sheet of docs/cohort.md: hand and hip, full view and a zoom, T = 0/-1.5/-3."""
+    rows = [
+        series("hand", 0, seed, max_side=1400),
+        series("hand", 0, seed, max_side=1400, crop=(0.38, 0.62, 0.30, 0.70)),
+        series("hip", 0, seed, max_side=1750),
+        series("hip", 0, seed, max_side=1750, crop=(0.22, 0.62, 0.10, 0.45)),
+    ]
+    return write_sheet(path, rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(docs_sheet(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/img/cohort_sheet.png")))

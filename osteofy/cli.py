@@ -81,6 +81,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             compression=args.compress,
             counterfactual=not args.no_counterfactual,
             workers=workers,
+            shift=args.shift,
         ),
         progress=not args.quiet,
     )
@@ -197,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-counterfactual",
         action="store_true",
         help="skip the counterfactual attribution map (faster)",
+    )
+    sim.add_argument(
+        "--shift",
+        choices=("detector_dose_position",),
+        help="draw acquisitions from a shifted distribution (robustness test sets)",
     )
     sim.add_argument("--check", metavar="DIR", help="run the acceptance checks on a cohort folder")
     sim.add_argument(

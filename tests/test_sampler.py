@@ -63,3 +63,21 @@ def test_men_have_no_menopause_and_women_do() -> None:
     male = p["sex_male"] == 1
     assert np.isnan(p["years_since_menopause"][male]).all()
     assert (p["years_since_menopause"][~male] >= 0).all()
+
+
+def test_shifted_acquisitions_differ_but_patients_do_not() -> None:
+    from cohort.plan import plan_cohort
+
+    base = plan_cohort("hand", 500, 3)
+    shifted = plan_cohort("hand", 500, 3, shift="detector_dose_position")
+    assert np.array_equal(base.patients["tscore"], shifted.patients["tscore"])
+    assert set(shifted.nuisance["detector"]) == {"CR"}
+    assert shifted.nuisance["dose_scale"].max() <= 0.6
+    assert np.abs(shifted.nuisance["rotation_deg"]).max() > 10.0
+
+
+def test_unknown_shift_is_a_usage_error() -> None:
+    from cohort.plan import plan_cohort
+
+    with pytest.raises(UsageError, match="unknown shift"):
+        plan_cohort("hand", 5, 1, shift="everything")

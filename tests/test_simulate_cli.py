@@ -178,7 +178,9 @@ def test_cli_check_sampler_json(capsys: pytest.CaptureFixture[str]) -> None:
         (["simulate", "--site", "knee", "--n", "1", "--out", "x"], 2, "invalid choice"),
         (["simulate", "--site", "hand", "--n", "1"], 2, "--out and --n are required"),
         (["simulate", "--n", "1", "--out", "x", "--preset", "nope"], 2, "unknown cohort preset"),
-        (["train", "--data", "x"], 4, "not part of version"),
+        (["doctor", "--verbose"], 4, "not part of version"),
+        (["train", "--data", "x", "--site", "hand"], 2, "required"),
+        (["evaluate", "no/such/model", "--data", "x"], 4, "no card.json"),
         (["bogus"], 2, "invalid choice"),
     ],
 )
