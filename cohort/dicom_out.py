@@ -16,11 +16,8 @@ Two properties matter beyond validity:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import os
-import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +33,8 @@ from pydicom.uid import (
     JPEG2000Lossless,
     generate_uid,
 )
+
+from osteofy.fsutil import atomic_write
 
 __all__ = [
     "CR_IMAGE_STORAGE",
@@ -489,24 +488,4 @@ def write_radiograph(path: Path, pixels: np.ndarray, meta: RadiographMeta) -> No
     if meta.compression != "none":
         _compress(ds, pixels, meta)
 
-    directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        # mkstemp creates the file 0600; a cohort file is ordinary data, readable by others.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            ds.save_as(handle, enforce_file_format=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    # Make the rename itself durable; not every platform lets a directory be opened.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write(path, lambda handle: ds.save_as(handle, enforce_file_format=True))

@@ -15,9 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing as mp
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from cohort.plan import CohortPlan, plan_cohort
 from cohort.render import render_case
 from cohort.sampler import CLASS_NAMES, RISK_FACTORS
 from osteofy import __version__
+from osteofy.fsutil import atomic_write
 
 COMPRESSION_MODES = ("auto", "none", "j2k")
 SYNTHETIC_NOTE = (
@@ -100,19 +99,6 @@ def _meta(
     )
 
 
-def _atomic_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render_one(plan: CohortPlan, i: int, out: Path, opts: SimulateOptions) -> dict:
     """Render case ``i`` and write its files; returns the render columns of the manifest."""
     t0 = time.perf_counter()
@@ -136,7 +122,7 @@ def render_one(plan: CohortPlan, i: int, out: Path, opts: SimulateOptions) -> di
     if r.counterfactual is not None:
         arrays["counterfactual"] = r.counterfactual
         arrays["counterfactual_t"] = np.asarray(r.counterfactual_t, dtype=np.float32)
-    _atomic_bytes(out / f"{stem}.masks.npz", lambda fh: np.savez_compressed(fh, **arrays))  # type: ignore[arg-type]
+    atomic_write(out / f"{stem}.masks.npz", lambda fh: np.savez_compressed(fh, **arrays))  # type: ignore[arg-type]
     return {
         "file": f"{stem}.dcm",
         "masks_file": f"{stem}.masks.npz",
@@ -234,7 +220,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
 
-    _atomic_bytes(path, _write)
+    atomic_write(path, _write)
 
 
 class _TextAdapter:
@@ -292,5 +278,5 @@ def simulate(
         "shift": opts.shift,
         "note": SYNTHETIC_NOTE,
     }
-    _atomic_bytes(out / "cohort.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))
+    atomic_write(out / "cohort.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))
     return manifest

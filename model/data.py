@@ -17,7 +17,6 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from numpy.typing import NDArray
 from edge.clinical import INPUT_FACTS
 from edge.preprocess import PreprocessConfig, RawImage, preprocess_to_uint8, raw_from_array
 from osteofy.errors import InputRejected, UsageError
+from osteofy.fsutil import atomic_write
 
 CLASS_NAMES = ("normal", "osteopenia", "osteoporosis")
 LABEL_FILES = ("manifest.csv", "labels.csv")
@@ -179,9 +179,6 @@ def _preprocess_all(
 def _save_cache(path: Path, images: NDArray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, images)
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: np.save(fh, images))
     except OSError:
         pass  # a read-only dataset folder: no cache, still correct

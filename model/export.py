@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 
 from model.fusion import INPUT_NAMES, OUTPUT_NAMES, ExportModule
 from model.train import load_checkpoint
+from osteofy.fsutil import atomic_write_bytes
 
 CARD_SCHEMA = "osteofy.card.v1"
 CLASS_NAMES = ["normal", "osteopenia", "osteoporosis"]
@@ -32,13 +32,7 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def export_onnx(module: torch.nn.Module, size: int, n_clinical: int, path: Path) -> None:

@@ -87,7 +87,7 @@ class ExportModule(nn.Module):
         a = p["features"]
         n, c, h, w = a.shape
         probs = torch.softmax(p["logits"] / self.net.temperature, dim=1)
-        alpha = self.net.image_logit_gradient(p["pre"]) / float(h * w)  # Grad-CAM weights
+        alpha = self.net.image_logit_gradient(p["pre"]) / (h * w)  # Grad-CAM weights
         cam = torch.relu(torch.matmul(alpha, a.reshape(n, c, h * w))).reshape(n, -1, h, w)
         clinical_attr = clinical.unsqueeze(1) * self.net.clin.weight.unsqueeze(0)
         z = torch.matmul(p["pooled"] - self.net.ood_mean, self.net.ood_whiten)
