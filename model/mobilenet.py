@@ -27,9 +27,19 @@ class ConvBNAct(nn.Sequential):
         stride: int = 1,
         groups: int = 1,
         act: Callable[[], nn.Module] | None = nn.ReLU6,
+        dilation: int = 1,
     ) -> None:
         layers: list[nn.Module] = [
-            nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+            nn.Conv2d(
+                cin,
+                cout,
+                k,
+                stride,
+                dilation * (k - 1) // 2,
+                dilation=dilation,
+                groups=groups,
+                bias=False,
+            ),
             nn.BatchNorm2d(cout),
         ]
         if act is not None:
@@ -99,7 +109,15 @@ class SqueezeExcite(nn.Module):
 
 class InvertedResidualV3(nn.Module):
     def __init__(
-        self, cin: int, k: int, expanded: int, cout: int, se: bool, act: str, stride: int
+        self,
+        cin: int,
+        k: int,
+        expanded: int,
+        cout: int,
+        se: bool,
+        act: str,
+        stride: int,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         act_cls: Callable[[], nn.Module] = nn.Hardswish if act == "HS" else nn.ReLU
@@ -107,7 +125,11 @@ class InvertedResidualV3(nn.Module):
         layers: list[nn.Module] = []
         if expanded != cin:
             layers.append(ConvBNAct(cin, expanded, 1, act=act_cls))
-        layers.append(ConvBNAct(expanded, expanded, k, stride, groups=expanded, act=act_cls))
+        layers.append(
+            ConvBNAct(
+                expanded, expanded, k, stride, groups=expanded, act=act_cls, dilation=dilation
+            )
+        )
         if se:
             layers.append(SqueezeExcite(expanded))
         layers.append(ConvBNAct(expanded, cout, 1, act=None))
@@ -151,13 +173,21 @@ _V3_SMALL = (
 
 
 class MobileNetV3(nn.Module):
-    def __init__(self, variant: str = "small", in_channels: int = 1) -> None:
+    """``output_stride`` 16 replaces the last stride-2 stage by dilated convolutions: the final
+    feature map (and so Grad-CAM) has twice the resolution, for about a third more compute."""
+
+    def __init__(
+        self, variant: str = "small", in_channels: int = 1, output_stride: int = 32
+    ) -> None:
         super().__init__()
         cfg = _V3_SMALL if variant == "small" else _V3_LARGE
         layers: list[nn.Module] = [ConvBNAct(in_channels, 16, 3, 2, act=nn.Hardswish)]
-        cin = 16
+        cin, stride_so_far, dilation = 16, 2, 1
         for k, exp, cout, se, act, s in cfg:
-            layers.append(InvertedResidualV3(cin, k, exp, cout, se, act, s))
+            if s == 2 and stride_so_far * 2 > output_stride:
+                s, dilation = 1, dilation * 2
+            stride_so_far *= s
+            layers.append(InvertedResidualV3(cin, k, exp, cout, se, act, s, dilation))
             cin = cout
         self.out_channels = 6 * cin  # 576 (small) / 960 (large)
         layers.append(ConvBNAct(cin, self.out_channels, 1, act=nn.Hardswish))
@@ -170,6 +200,7 @@ class MobileNetV3(nn.Module):
 BACKBONES: dict[str, Callable[[], nn.Module]] = {
     "mobilenet_v2": lambda: MobileNetV2(),
     "mobilenet_v3_small": lambda: MobileNetV3("small"),
+    "mobilenet_v3_small_os16": lambda: MobileNetV3("small", output_stride=16),
     "mobilenet_v3_large": lambda: MobileNetV3("large"),
 }
 
