@@ -89,8 +89,14 @@ def _metric_fns(threshold: float) -> dict:
 
 
 def bootstrap(fn, n: int, rng: np.random.Generator, *arrays) -> tuple[float, list[float]]:
-    """Point value and 95 % percentile interval over ``N_BOOT`` resamples (paired)."""
-    value = fn(*arrays)
+    """Point value and 95 % percentile interval over ``N_BOOT`` resamples (paired).
+
+    A metric undefined on this set (an AUROC with one class only) is NaN, reported as null.
+    """
+    try:
+        value = fn(*arrays)
+    except ValueError:
+        return math.nan, [math.nan, math.nan]
     samples = []
     for _ in range(N_BOOT):
         idx = rng.integers(0, n, n)
@@ -98,12 +104,20 @@ def bootstrap(fn, n: int, rng: np.random.Generator, *arrays) -> tuple[float, lis
             samples.append(fn(*(a[idx] for a in arrays)))
         except ValueError:  # a resample with one class only
             continue
+    if not samples or np.all(np.isnan(samples)):
+        return float(value), [math.nan, math.nan]
     lo, hi = np.nanpercentile(samples, [2.5, 97.5])
     return float(value), [float(lo), float(hi)]
 
 
 def _scored(value_ci: tuple[float, list[float]]) -> dict:
-    return {"value": round(value_ci[0], 4), "ci95": [round(x, 4) for x in value_ci[1]]}
+    value, ci = value_ci
+    if not math.isfinite(value):
+        return {"value": None, "ci95": None, "note": "undefined on this set (one class only)"}
+    return {
+        "value": round(value, 4),
+        "ci95": [round(x, 4) for x in ci] if all(math.isfinite(x) for x in ci) else None,
+    }
 
 
 def clinical_only_scores(pkg: ModelPackage, ds: Dataset) -> NDArray | None:
@@ -211,7 +225,8 @@ def _ost(ds: Dataset) -> NDArray | None:
 def _oracle(ds: Dataset, site: str) -> dict:
     """Oracle AUROCs from the latent variables, when the folder is a virtual cohort."""
     rows = ds.rows
-    if "t_site" not in rows[0]:
+    y = ds.labels == 2
+    if "t_site" not in rows[0] or y.all() or not y.any():
         return {}
     from cohort.check import oracle_posteriors
     from cohort.presets import get_preset
@@ -230,7 +245,7 @@ def _oracle(ds: Dataset, site: str) -> dict:
     p["sex_male"] = np.array([r["sex"] == "M" for r in rows], dtype=float)
     t_site = np.array([float(r["t_site"]) for r in rows])
     post = oracle_posteriors(p, t_site, site, preset)
-    return {k: round(auroc(v, ds.labels == 2), 4) for k, v in post.items()}
+    return {k: round(auroc(v, y), 4) for k, v in post.items()}
 
 
 def explanation_quality(pkg: ModelPackage, ds: Dataset, precision: str, n: int) -> dict:
@@ -318,6 +333,10 @@ def write_report(report: dict, out: Path) -> list[Path]:
 
 
 def _fmt(m: dict) -> str:
+    if m["value"] is None:
+        return "undefined (one class only)"
+    if m["ci95"] is None:
+        return f"{m['value']:.3f}"
     return f"{m['value']:.3f} ({m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})"
 
 
