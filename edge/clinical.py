@@ -37,6 +37,8 @@ FEATURES: tuple[tuple[str, str, tuple[float, float]], ...] = (
     ("secondary_osteoporosis", "binary", (0.0, 1.0)),
 )
 FEATURE_NAMES = tuple(f[0] for f in FEATURES)
+RISK_FACTORS = tuple(n for n, kind, _ in FEATURES if kind == "binary" and n != "sex_male")
+ANTHROPOMETRY = ("weight_kg", "height_m", "bmi", "bmi_below_27")
 # The facts a person can be asked for (the derived ones are computed).
 INPUT_FACTS = tuple(n for n in FEATURE_NAMES if n not in ("bmi_below_27",))
 

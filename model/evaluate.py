@@ -200,7 +200,11 @@ def evaluate(
         "metrics": metrics,
         "baselines": baselines,
         "differences": diffs,
-        "ood": {"threshold": ood_thr, "share_below": round(float((pred.ood < ood_thr).mean()), 4)},
+        "ood": {
+            "threshold": ood_thr,
+            "share_below": round(float((pred.ood < ood_thr).mean()), 4),
+            "probes": ood_probe_scores(pkg, ds, precision),
+        },
     }
     if explain_n > 0 and any((data / r.get("masks_file", "")).is_file() for r in ds.rows[:1]):
         report["explanations"] = explanation_quality(pkg, ds, precision, explain_n)
@@ -211,6 +215,21 @@ def evaluate(
         scores["clinical only"] = clin
     report["_plots"] = {"labels": y, "probs": pred.probs, "scores": scores}
     return report
+
+
+def ood_probe_scores(pkg: ModelPackage, ds: Dataset, precision: str) -> dict[str, float]:
+    """OOD scores of a chest image, a blank plate, an inverted image and noise."""
+    from model.ood_probes import probes
+
+    backend = OnnxRuntimeBackend(pkg.model_file(precision))
+    example = read_raw(ds.folder / ds.rows[0]["file"])
+    clin = clinical_vector(ds.facts[0], pkg.clinical)[None]
+    out: dict[str, float] = {}
+    for name, raw in probes(example, np.random.default_rng(0)).items():
+        square, _ = preprocess_to_uint8(raw, pkg.preprocess)
+        res = backend.run(normalise(square, pkg.preprocess)[None], clin)
+        out[name] = round(float(res["ood"][0, 0]), 3)
+    return out
 
 
 def _ost(ds: Dataset) -> NDArray | None:
@@ -375,7 +394,9 @@ def markdown(r: dict) -> str:
     lines += [
         "",
         f"OOD: {100 * r['ood']['share_below']:.1f} % of these images score below the "
-        f"card's threshold {r['ood']['threshold']:.2f}.",
+        f"card's threshold {r['ood']['threshold']:.2f}. Probes that must score above it: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r["ood"].get("probes", {}).items())
+        + ".",
     ]
     if "explanations" in r:
         e = r["explanations"]
@@ -417,3 +438,24 @@ def _write_plots(out: Path, plots: dict) -> list[Path]:
             ["normal", "osteopenia", "osteoporosis"],
         ),
     ]
+
+
+def record_in_card(model_dir: Path, report: dict, name: str) -> None:
+    """Store a report's headline figures in the package's card under ``evaluation[name]``."""
+    from model.export import write_json_atomic
+
+    card_path = Path(model_dir) / "card.json"
+    card = json.loads(card_path.read_text())
+    card.setdefault("evaluation", {})[name] = {
+        "data": report["data"],
+        "n": report["n"],
+        "synthetic_data": report["synthetic_data"],
+        "precision": report["precision"],
+        "metrics": report["metrics"],
+        "baselines": report["baselines"],
+        "differences": report["differences"],
+        "ood_share_below_threshold": report["ood"]["share_below"],
+        "ood_probes": report["ood"].get("probes"),
+        "explanations": report.get("explanations"),
+    }
+    write_json_atomic(card_path, card)

@@ -7,7 +7,6 @@ carries everything a device needs to use it, and the sha256 of every file it des
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,20 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge.package import CARD_SCHEMA, sha256_file
 from model.fusion import INPUT_NAMES, OUTPUT_NAMES, ExportModule
 from model.train import load_checkpoint
 from osteofy.fsutil import atomic_write_bytes
 
-CARD_SCHEMA = "osteofy.card.v1"
 CLASS_NAMES = ["normal", "osteopenia", "osteoporosis"]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -12,8 +12,10 @@ Logits are *additive* in the two modalities:
 - The clinical part is linear, so ``clinical_attr[k, j] = W_kj * clinical_j`` is each input's
   exact contribution to logit k, relative to a patient at the training means with every fact
   known (all-zero input).
-- ``ood`` is the Mahalanobis distance of the pooled features from the training set's, fitted
-  after training (``fit_ood``).
+- ``ood`` is the Mahalanobis distance, from the training set's, of the pooled features joined
+  with an 8x8 thumbnail of the input: deep features alone can miss a grossly wrong image (an
+  inverted one has hand-like features), the thumbnail alone misses subtle shifts. Fitted after
+  training (``fit_ood``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from torch import nn
 
 from model.mobilenet import init_weights, make_backbone
+
+OOD_THUMB = 8  # side of the input thumbnail joined to the pooled features for ``ood``
 
 
 class FusionNet(nn.Module):
@@ -50,8 +54,9 @@ class FusionNet(nn.Module):
         init_weights(self)
         # Temperature (calibration) and OOD statistics are buffers: saved, not trained.
         self.register_buffer("temperature", torch.ones(()))
-        self.register_buffer("ood_mean", torch.zeros(channels))
-        self.register_buffer("ood_whiten", torch.eye(channels))
+        ood_dim = channels + OOD_THUMB * OOD_THUMB
+        self.register_buffer("ood_mean", torch.zeros(ood_dim))
+        self.register_buffer("ood_whiten", torch.eye(ood_dim))
 
     def parts(self, image: torch.Tensor, clinical: torch.Tensor) -> dict[str, torch.Tensor]:
         a = self.backbone(image)
@@ -60,7 +65,15 @@ class FusionNet(nn.Module):
         h = torch.relu(pre)
         logits = self.fc2(self.dropout(h)) + self.clin(clinical)
         tscore = self.t_img(h) + self.t_clin(clinical)
-        return {"features": a, "pooled": pooled, "pre": pre, "logits": logits, "tscore": tscore}
+        thumb = torch.nn.functional.adaptive_avg_pool2d(image, OOD_THUMB).flatten(1)
+        return {
+            "features": a,
+            "pooled": pooled,
+            "pre": pre,
+            "logits": logits,
+            "tscore": tscore,
+            "ood_features": torch.cat([pooled, thumb], dim=1),
+        }
 
     def forward(
         self, image: torch.Tensor, clinical: torch.Tensor
@@ -90,7 +103,7 @@ class ExportModule(nn.Module):
         alpha = self.net.image_logit_gradient(p["pre"]) / (h * w)  # Grad-CAM weights
         cam = torch.relu(torch.matmul(alpha, a.reshape(n, c, h * w))).reshape(n, -1, h, w)
         clinical_attr = clinical.unsqueeze(1) * self.net.clin.weight.unsqueeze(0)
-        z = torch.matmul(p["pooled"] - self.net.ood_mean, self.net.ood_whiten)
+        z = torch.matmul(p["ood_features"] - self.net.ood_mean, self.net.ood_whiten)
         ood = torch.sqrt((z * z).sum(dim=1, keepdim=True))
         return probs, p["tscore"], cam, clinical_attr, ood
 
@@ -115,7 +128,7 @@ def autograd_gradcam(net: FusionNet, image: torch.Tensor, clinical: torch.Tensor
 
 @torch.no_grad()
 def fit_ood(net: FusionNet, pooled: torch.Tensor, shrinkage: float = 0.1) -> None:
-    """Set the Mahalanobis statistics from training-set pooled features [N, C]."""
+    """Set the Mahalanobis statistics from training-set ``ood_features`` [N, D]."""
     mean = pooled.mean(0)
     x = pooled - mean
     cov = x.T @ x / max(pooled.shape[0] - 1, 1)

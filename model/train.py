@@ -21,30 +21,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from edge.clinical import ClinicalSpec, all_missing, clinical_vector, fit_spec
+from edge.clinical import (
+    ANTHROPOMETRY,
+    RISK_FACTORS,
+    ClinicalSpec,
+    all_missing,
+    clinical_vector,
+    fit_spec,
+)
 from edge.preprocess import PreprocessConfig, normalise
 from model.data import Dataset, load_folder
 from model.fusion import FusionNet, fit_ood
-
-# Feature groups dropped together during training (they are asked together in a clinic).
-_ANTHRO = ("weight_kg", "height_m", "bmi", "bmi_below_27")
-_RISK = (
-    "prior_fracture",
-    "parental_hip_fracture",
-    "smoking",
-    "glucocorticoids",
-    "rheumatoid_arthritis",
-    "alcohol",
-    "secondary_osteoporosis",
-)
 
 
 @dataclass
 class TrainConfig:
     site: str
-    backbone: str = "mobilenet_v3_small"
+    backbone: str = "mobilenet_v3_small_os16"
     size: int = 320
-    epochs: int = 14
+    epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -87,8 +82,9 @@ def _drop_mask(n: int, spec: ClinicalSpec, cfg: TrainConfig, gen: torch.Generato
     def rand(p: float, cols: int = 1) -> torch.Tensor:
         return torch.rand(n, cols, generator=gen) < p
 
-    risk = [idx[r] for r in _RISK if r in idx]
-    anthro = [idx[a] for a in _ANTHRO if a in idx]
+    risk = [idx[r] for r in RISK_FACTORS if r in idx]
+    # Facts asked together in a clinic are dropped together.
+    anthro = [idx[a] for a in ANTHROPOMETRY if a in idx]
     drop[:, risk] = rand(cfg.p_drop_risk_all) | rand(cfg.p_drop_risk_each, len(risk))
     drop[:, anthro] = rand(cfg.p_drop_anthro)
     for name in ("age_years", "sex_male"):
@@ -140,14 +136,14 @@ def predict(
 ) -> dict[str, np.ndarray]:
     """Logits, T-score and pooled features over a dataset (eval mode, no augmentation)."""
     net.eval()
-    logits, tscore, pooled = [], [], []
+    logits, tscore, pooled = [], [], []  # pooled: the OOD feature vector
     for a in range(0, images.shape[0], batch):
         x = torch.from_numpy(normalise(images[a : a + batch], pre))
         c = torch.from_numpy(clinical[a : a + batch])
         p = net.parts(x, c)
         logits.append(p["logits"])
         tscore.append(p["tscore"][:, 0])
-        pooled.append(p["pooled"])
+        pooled.append(p["ood_features"])
     return {
         "logits": torch.cat(logits).numpy(),
         "tscore": torch.cat(tscore).numpy(),
@@ -267,9 +263,9 @@ def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Pat
     pv = predict(net, va.images, c_va, pre)
     temperature = fit_temperature(pv["logits"], va.labels)
     net.temperature.fill_(temperature)
-    pt = predict(net, tr.images, c_tr, pre)
-    fit_ood(net, torch.from_numpy(pt["pooled"]))
-    ood_val = _ood(net, pv["pooled"])
+    ood_threshold = fit_ood_and_threshold(
+        net, predict(net, tr.images, c_tr, pre)["pooled"], pv["pooled"]
+    )
     probs = torch.softmax(torch.from_numpy(pv["logits"]) / temperature, 1).numpy()
     threshold = referral_threshold(probs[:, 2], va.labels, cfg.referral_sensitivity)
     from cohort.stats import fit_logistic
@@ -289,8 +285,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Pat
         "history": history,
         "temperature": temperature,
         "referral_threshold": threshold,
-        # 99.5th percentile of validation distances, plus a 10 % margin.
-        "ood_threshold": float(np.percentile(ood_val, 99.5) * 1.10),
+        "ood_threshold": ood_threshold,
         "t_sd": t_sd,
         "baselines": {
             "clinical_only": {
@@ -313,10 +308,44 @@ def _ood(net: FusionNet, pooled: np.ndarray) -> np.ndarray:
         return torch.sqrt((z * z).sum(1)).numpy()
 
 
-def load_checkpoint(path: Path) -> tuple[FusionNet, dict]:
+def fit_ood_and_threshold(net: FusionNet, train_feats: np.ndarray, val_feats: np.ndarray) -> float:
+    """Fit the OOD statistics on training features; threshold = 99.5th percentile of the
+    validation distances plus a 10 % margin."""
+    fit_ood(net, torch.from_numpy(train_feats))
+    return float(np.percentile(_ood(net, val_feats), 99.5) * 1.10)
+
+
+def load_checkpoint(path: Path, ood: bool = True) -> tuple[FusionNet, dict]:
+    """``ood=False`` loads the weights but not the OOD statistics (to re-fit them)."""
     blob = torch.load(path, map_location="cpu", weights_only=False)
     meta = blob["meta"]
     cfg = meta["train_config"]
     net = FusionNet(cfg["backbone"], len(meta["clinical"]["input_names"]))
-    net.load_state_dict(blob["state_dict"])
+    state = blob["state_dict"]
+    if not ood:
+        state = {k: v for k, v in state.items() if not k.startswith("ood_")}
+    net.load_state_dict(state, strict=ood)
     return net.eval(), meta
+
+
+def refit_ood(model_dir: Path, data: Path, progress: bool = True) -> float:
+    """Re-fit the OOD statistics of a trained checkpoint on its own training split."""
+    ckpt = model_dir / "checkpoint.pt"
+    net, meta = load_checkpoint(ckpt, ood=False)
+    cfg = meta["train_config"]
+    pre = PreprocessConfig(**meta["preprocessing"])
+    ds = load_folder(data, pre, site=cfg["site"], progress=progress)
+    train_idx, val_idx = split_indices(ds.labels, cfg["val_fraction"], cfg["seed"])
+    spec = ClinicalSpec.from_card(meta["clinical"])
+    tr, va = ds.subset(train_idx), ds.subset(val_idx)
+    c_tr, c_va = clinical_matrix(tr, spec), clinical_matrix(va, spec)
+    if cfg.get("image_only"):
+        c_tr, c_va = all_missing(c_tr), all_missing(c_va)
+    meta["ood_threshold"] = fit_ood_and_threshold(
+        net,
+        predict(net, tr.images, c_tr, pre)["pooled"],
+        predict(net, va.images, c_va, pre)["pooled"],
+    )
+    torch.save({"state_dict": net.state_dict(), "meta": meta}, ckpt)
+    (model_dir / "training.json").write_text(json.dumps(meta, indent=2))
+    return float(meta["ood_threshold"])

@@ -145,6 +145,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     paths = write_report(report, Path(args.out) if args.out else Path(args.model_dir) / "eval")
+    if args.record:
+        from model.evaluate import record_in_card
+
+        record_in_card(Path(args.model_dir), report, args.record)
     if args.json:
         print(json.dumps(report))
     else:
@@ -220,11 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="model folder, e.g. models/hand-v1")
     tr.add_argument(
         "--backbone",
-        default="mobilenet_v3_small",
-        choices=("mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2"),
+        default="mobilenet_v3_small_os16",
+        choices=(
+            "mobilenet_v3_small_os16",
+            "mobilenet_v3_small",
+            "mobilenet_v3_large",
+            "mobilenet_v2",
+        ),
     )
     tr.add_argument("--size", type=_positive_int, default=320, help="input size in pixels")
-    tr.add_argument("--epochs", type=_positive_int, default=14)
+    tr.add_argument("--epochs", type=_positive_int, default=10)
     tr.add_argument("--batch-size", type=_positive_int, default=32, dest="batch_size")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=_positive_int, help="PyTorch threads")
@@ -251,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--explain", type=int, default=200, help="images for explanation metrics")
     ev.add_argument("--out", help="report folder (default MODEL_DIR/eval)")
     ev.add_argument("--json", action="store_true", help="print the metrics JSON")
+    ev.add_argument(
+        "--record",
+        metavar="NAME",
+        help="also store the headline figures in the card as evaluation[NAME]",
+    )
     ev.add_argument("-q", "--quiet", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 

@@ -21,7 +21,7 @@ def _net(backbone: str = "mobilenet_v3_small") -> FusionNet:
         for p in (net.fc1.weight, net.fc2.weight, net.clin.weight):
             p.normal_(0, 0.1)
     net.eval()
-    fit_ood(net, torch.randn(64, net.fc1.in_features))
+    fit_ood(net, torch.randn(64, net.ood_mean.shape[0]))
     return net
 
 
@@ -84,7 +84,7 @@ def test_exported_onnx_matches_pytorch_and_autograd(tmp_path: Path) -> None:
 
 def test_ood_is_larger_far_from_the_training_features() -> None:
     net = _net()
-    feats = torch.randn(256, net.fc1.in_features)
+    feats = torch.randn(256, net.ood_mean.shape[0])
     fit_ood(net, feats)
     z_in = (feats[:8] - net.ood_mean) @ net.ood_whiten
     z_out = (feats[:8] * 5 + 3 - net.ood_mean) @ net.ood_whiten

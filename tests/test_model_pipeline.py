@@ -99,6 +99,8 @@ def test_evaluate_reports_metrics_baselines_and_explanations(
             "--data",
             str(tiny[1]),
             "--json",
+            "--record",
+            "tiny-test",
             "--explain",
             "4",
             "--out",
@@ -120,3 +122,6 @@ def test_evaluate_reports_metrics_baselines_and_explanations(
     for name in ("metrics.json", "report.md", "roc.png", "calibration.png", "confusion.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     assert np.isfinite(report["metrics"]["tscore_mae"]["value"])
+    card = json.loads((package / "card.json").read_text())
+    assert card["evaluation"]["tiny-test"]["n"] == 24
+    load_package(package)  # recording an evaluation does not break the integrity check
