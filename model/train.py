@@ -229,7 +229,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Pat
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(i)
+            total += float(loss.detach()) * len(i)
             bar.update(len(i))
             bar.set_postfix(loss=f"{total / max(bar.n, 1):.3f}")
         bar.close()
