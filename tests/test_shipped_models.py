@@ -1,4 +1,4 @@
-"""The reference packages under models/: intact, labelled synthetic, and runnable without PyTorch."""
+"""The reference packages under models/: intact, labelled synthetic, runnable without torch."""
 
 from __future__ import annotations
 
