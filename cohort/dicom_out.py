@@ -271,7 +271,8 @@ def _sigmoid_voi_lut(meta: RadiographMeta) -> Dataset:
     and one that applies it agree on what the window means. LUT Data is OW because with
     65536 entries it exceeds the 64 KiB an explicit-VR US element can hold.
     """
-    assert meta.window is not None  # _validate checked it
+    if meta.window is None:  # _validate rejects this; kept explicit for the type checker
+        raise ValueError("a VOI LUT needs a window")
     center, width = meta.window
     n_entries = 1 << meta.bits_stored
     x = np.arange(n_entries, dtype=np.float64)
@@ -431,7 +432,8 @@ def _build_dataset(pixels: np.ndarray, meta: RadiographMeta) -> Dataset:
 
     # VOI LUT
     if meta.windowing == "window":
-        assert meta.window is not None
+        if meta.window is None:
+            raise ValueError("windowing 'window' needs a window")
         center, width = meta.window
         ds.WindowCenter = _ds(center)
         ds.WindowWidth = _ds(width)

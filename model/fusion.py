@@ -13,9 +13,10 @@ Logits are *additive* in the two modalities:
   exact contribution to logit k, relative to a patient at the training means with every fact
   known (all-zero input).
 - ``ood`` is the Mahalanobis distance, from the training set's, of the pooled features joined
-  with an 8x8 thumbnail of the input: deep features alone can miss a grossly wrong image (an
-  inverted one has hand-like features), the thumbnail alone misses subtle shifts. Fitted after
-  training (``fit_ood``).
+  with an 8x8 thumbnail of the input and the per-channel mean and SD of an early layer's
+  activations: deep features alone can miss a grossly wrong image (an inverted one has
+  hand-like features, noise or a blank plate have pelvis-like ones), the early statistics see
+  texture that is not a radiograph's. Fitted after training (``fit_ood``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from model.mobilenet import init_weights, make_backbone
 
 OOD_THUMB = 8  # side of the input thumbnail joined to the pooled features for ``ood``
+OOD_TAP = 4  # backbone layers before the tap whose activation mean/SD also feed ``ood``
 
 
 class FusionNet(nn.Module):
@@ -54,25 +56,37 @@ class FusionNet(nn.Module):
         init_weights(self)
         # Temperature (calibration) and OOD statistics are buffers: saved, not trained.
         self.register_buffer("temperature", torch.ones(()))
-        ood_dim = channels + OOD_THUMB * OOD_THUMB
+        with torch.no_grad():
+            tap_channels = int(self._body()[:OOD_TAP](torch.zeros(1, 1, 32, 32)).shape[1])
+        ood_dim = channels + OOD_THUMB * OOD_THUMB + 2 * tap_channels
         self.register_buffer("ood_mean", torch.zeros(ood_dim))
         self.register_buffer("ood_whiten", torch.eye(ood_dim))
 
+    def _body(self) -> nn.Sequential:
+        body = self.backbone.body
+        if not isinstance(body, nn.Sequential):
+            raise TypeError(f"backbone {self.backbone_name} has no sequential body")
+        return body
+
     def parts(self, image: torch.Tensor, clinical: torch.Tensor) -> dict[str, torch.Tensor]:
-        a = self.backbone(image)
+        body = self._body()
+        early = body[:OOD_TAP](image)
+        a = body[OOD_TAP:](early)
         pooled = a.mean((2, 3))
         pre = self.fc1(pooled)
         h = torch.relu(pre)
         logits = self.fc2(self.dropout(h)) + self.clin(clinical)
         tscore = self.t_img(h) + self.t_clin(clinical)
         thumb = torch.nn.functional.adaptive_avg_pool2d(image, OOD_THUMB).flatten(1)
+        e_mean = early.mean((2, 3))
+        e_sd = torch.sqrt(torch.clamp((early * early).mean((2, 3)) - e_mean * e_mean, min=1e-12))
         return {
             "features": a,
             "pooled": pooled,
             "pre": pre,
             "logits": logits,
             "tscore": tscore,
-            "ood_features": torch.cat([pooled, thumb], dim=1),
+            "ood_features": torch.cat([pooled, thumb, e_mean, e_sd], dim=1),
         }
 
     def forward(

@@ -258,7 +258,8 @@ def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Pat
             )
         if best is None or val_loss < best[0]:
             best = (val_loss, {k: v.detach().clone() for k, v in net.state_dict().items()})
-    assert best is not None
+    if best is None:
+        raise ValueError("training ran no epoch")
     net.load_state_dict(best[1])
     pv = predict(net, va.images, c_va, pre)
     temperature = fit_temperature(pv["logits"], va.labels)
