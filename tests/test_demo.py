@@ -20,3 +20,4 @@ def test_demo_renders_both_sites_and_says_what_is_not_there(
     assert (tmp_path / "contact_sheet.png").stat().st_size > 10_000
     assert out.count(".dcm") == 2
     assert "not in this version yet" in out
+    assert "trained on synthetic data" in out and "P(op)" in out  # screened by the model
