@@ -91,6 +91,8 @@ def read_raw(path: Path) -> RawImage:
 
     from edge.preprocess import raw_from_dataset
 
+    if not path.is_file():
+        raise InputRejected(f"{path.name}: file not found")
     if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
         img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if img is None:

@@ -66,7 +66,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         _print_report(report, args.json)
         return 0 if report.ok else 3
     if args.out is None or args.n is None:
-        raise UsageError("osteofy simulate: --out and --n are required (or use --check DIR)")
+        raise UsageError("simulate: --out and --n are required (or use --check DIR)")
     from cohort.generate import SimulateOptions, simulate
 
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
