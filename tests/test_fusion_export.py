@@ -57,6 +57,7 @@ def test_clinical_attributions_sum_to_the_clinical_part_of_the_logit() -> None:
 
 def test_exported_onnx_matches_pytorch_and_autograd(tmp_path: Path) -> None:
     import onnxruntime as ort
+
     from model.export import export_onnx
     from model.fusion import OUTPUT_NAMES
 
