@@ -182,9 +182,10 @@ def evaluate(
     clin = clinical_only_scores(pkg, ds)
     if clin is not None:
         compare("clinical_only", clin)
+    img_score = None
     if image_only is not None:
-        img_pkg = load_package(image_only)
-        compare("image_only", run_package(img_pkg, ds, "fp32").probs[:, 2])
+        img_score = run_package(load_package(image_only), ds, "fp32").probs[:, 2]
+        compare("image_only", img_score)
     oracle = _oracle(ds, site)
     if oracle:
         baselines["oracle"] = oracle
@@ -213,6 +214,8 @@ def evaluate(
         scores["OST rule"] = -ost
     if clin is not None:
         scores["clinical only"] = clin
+    if img_score is not None:
+        scores["image only"] = img_score
     report["_plots"] = {"labels": y, "probs": pred.probs, "scores": scores}
     return report
 
