@@ -12,6 +12,7 @@ No model trained on this cohort can beat these AUROCs in expectation; they are t
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,7 +317,6 @@ def _column(rows: list[dict], key: str) -> NDArray:
 
 def check_directory(folder: Path) -> Report:
     """Check a rendered cohort from its ``manifest.csv`` (and that every file is there)."""
-    import json
 
     from osteofy.errors import InputRejected
 

@@ -13,12 +13,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from osteofy import __version__
 from osteofy.errors import OsteofyError, Unavailable, UsageError
 
-log = logging.getLogger("osteofy")
+if TYPE_CHECKING:
+    from cohort.check import Report
+
 OWN_LOGGERS = ("osteofy", "cohort", "edge", "model", "quantize", "firmware_bridge", "dashboard")
 
 # Subcommands of DESIGN.md that later versions provide; they answer with a clear message.
@@ -89,7 +91,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_report(report, as_json: bool) -> None:
+def _print_report(report: Report, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report.as_dict()))
     else:
