@@ -7,19 +7,21 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-OUTPUTS = ("probs", "tscore", "cam", "clinical_attr", "ood")
+from edge.backends import OUTPUTS
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, threads: int | None = None) -> None:
+    def __init__(self, model_path: Path, threads: int | None = None, precision: str = "fp32") -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.precision = precision
+        self.model_path = Path(model_path)
         self.session = ort.InferenceSession(
             str(model_path), sess_options=opts, providers=["CPUExecutionProvider"]
         )
