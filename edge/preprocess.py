@@ -208,6 +208,13 @@ def display_work(raw: RawImage, cfg: PreprocessConfig) -> tuple[NDArray, float]:
 def preprocess_to_uint8(raw: RawImage, cfg: PreprocessConfig) -> tuple[NDArray, Geometry]:
     """Steps 1-7: the square 8-bit input image (cacheable) and its geometry."""
     img8, work_scale = display_work(raw, cfg)
+    return square_from_display(img8, work_scale, raw.pixels.shape, cfg)
+
+
+def square_from_display(
+    img8: NDArray, work_scale: float, source_shape: tuple[int, ...], cfg: PreprocessConfig
+) -> tuple[NDArray, Geometry]:
+    """Steps 5-7 on the output of :func:`display_work` (the device keeps ``img8`` to draw on)."""
     r0, r1, c0, c1 = body_crop(img8, cfg.crop_margin)
     crop = img8[r0:r1, c0:c1]
     h, w = crop.shape
@@ -220,7 +227,7 @@ def preprocess_to_uint8(raw: RawImage, cfg: PreprocessConfig) -> tuple[NDArray, 
     clahe = cv2.createCLAHE(clipLimit=cfg.clahe_clip, tileGridSize=(cfg.clahe_tiles,) * 2)
     square = clahe.apply(square)
     geom = Geometry(
-        source_shape=(int(raw.pixels.shape[0]), int(raw.pixels.shape[1])),
+        source_shape=(int(source_shape[0]), int(source_shape[1])),
         work_scale=work_scale,
         crop=(r0, r1, c0, c1),
         scale=s,

@@ -25,10 +25,6 @@ OWN_LOGGERS = ("osteofy", "cohort", "edge", "model", "quantize", "firmware_bridg
 
 # Subcommands of DESIGN.md that later versions provide; they answer with a clear message.
 PLANNED = {
-    "quantize": "INT8 quantization",
-    "build-engine": "TensorRT engine build",
-    "screen": "one-shot screening",
-    "edge": "the edge runtime",
     "bridge": "the digitizer bridge",
     "dashboard": "the central dashboard",
     "bench": "pipeline benchmarks",
@@ -158,6 +154,72 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from quantize.run import QuantizeOptions, quantize_package
+
+    report = quantize_package(
+        Path(args.model_dir),
+        Path(args.calib),
+        Path(args.heldout) if args.heldout else None,
+        QuantizeOptions(
+            method=args.method, min_calibration=args.min_calibration, search=not args.no_search
+        ),
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        f = report["fidelity"]
+        lat = report["latency_onnxruntime_cpu"]
+        print(
+            f"wrote {Path(args.model_dir) / 'model.int8.onnx'}: gates hold on {f['n']} held-out "
+            f"images (top-1 agreement {f['top1_agreement']:.4f}, |dAUROC| "
+            f"{f['abs_delta_auroc']:.4f}, CAM Pearson median {f['cam_pearson_median']:.4f}); "
+            f"kept FP32: {', '.join(report['kept_fp32']) or 'nothing'}; ONNX Runtime CPU p50 "
+            f"FP32 {lat['fp32']['p50_ms']:.1f} ms vs INT8 {lat['int8']['p50_ms']:.1f} ms"
+        )
+    return 0
+
+
+def _cmd_build_engine(args: argparse.Namespace) -> int:
+    from quantize.engine import build_engine
+
+    cache = Path(args.cache) if args.cache else _config(args).data_dir / "engines"
+    path = build_engine(Path(args.model_dir), cache, precision=args.precision, force=args.force)
+    print(f"engine ready: {path}")
+    return 0
+
+
+def _config(args: argparse.Namespace):  # noqa: ANN202 - Config, imported lazily
+    from osteofy.config import load_config
+
+    return load_config(Path(args.config) if getattr(args, "config", None) else None)
+
+
+def _cmd_screen(args: argparse.Namespace) -> int:
+    from edge.screen_cli import screen_files
+
+    return screen_files(
+        _config(args),
+        [Path(f) for f in args.files],
+        as_json=args.json,
+        overlay_dir=Path(args.overlay) if args.overlay else None,
+        backend=args.backend,
+        precision=args.precision,
+        clinical=args.clinical,
+    )
+
+
+def _edge_usage(args: argparse.Namespace) -> int:
+    raise UsageError("edge: give a command (serve)")
+
+
+def _cmd_edge_serve(args: argparse.Namespace) -> int:
+    from edge.serve import run_service
+
+    return run_service(_config(args), once=args.once)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from osteofy.demo import run_demo
 
@@ -269,6 +331,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("-q", "--quiet", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
+
+    qz = sub.add_parser(
+        "quantize",
+        help="INT8 QDQ model with fidelity gates (exit 1 and nothing installed if they fail)",
+    )
+    qz.add_argument("model_dir")
+    qz.add_argument("--calib", required=True, help="folder of calibration images (>= 500)")
+    qz.add_argument("--heldout", help="folder for the fidelity gates (default: a third of --calib)")
+    qz.add_argument("--method", default="percentile", choices=("minmax", "entropy", "percentile"))
+    qz.add_argument("--min-calibration", type=_positive_int, default=500, dest="min_calibration")
+    qz.add_argument(
+        "--no-search",
+        action="store_true",
+        dest="no_search",
+        help="do not keep sensitive layers in FP32 (fail instead)",
+    )
+    qz.add_argument("--json", action="store_true", help="print the report JSON")
+    qz.add_argument("-q", "--quiet", action="store_true")
+    qz.set_defaults(func=_cmd_quantize)
+
+    be = sub.add_parser("build-engine", help="build and cache the TensorRT engine (Jetson)")
+    be.add_argument("model_dir")
+    be.add_argument(
+        "--precision",
+        default="int8",
+        choices=("int8", "fp16"),
+        help="int8 from model.int8.onnx; fp16 only when asked (never a silent downgrade)",
+    )
+    be.add_argument("--cache", help="engine cache folder (default DATA_DIR/engines)")
+    be.add_argument("--config", help="configuration file")
+    be.add_argument("--force", action="store_true", help="rebuild even when cached")
+    be.set_defaults(func=_cmd_build_engine)
+
+    sc = sub.add_parser("screen", help="screen radiograph files now (result, overlay, JSON)")
+    sc.add_argument("files", nargs="+", metavar="FILE")
+    sc.add_argument("--json", action="store_true", help="one JSON line per file, in order")
+    sc.add_argument("--overlay", metavar="DIR", help="write each explanation image here")
+    sc.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"))
+    sc.add_argument("--precision", choices=("auto", "int8", "fp16", "fp32"))
+    sc.add_argument(
+        "--clinical",
+        metavar="JSON",
+        help="clinical facts as a JSON object (or @FILE), e.g. '{\"prior_fracture\": 1}'",
+    )
+    sc.add_argument("--config", help="configuration file")
+    sc.set_defaults(func=_cmd_screen)
+
+    edge = sub.add_parser("edge", help="the on-device runtime")
+    edge_sub = edge.add_subparsers(dest="edge_command", metavar="COMMAND", parser_class=_Parser)
+    es = edge_sub.add_parser("serve", help="watch the inbox and screen every study once")
+    es.add_argument("--config", help="configuration file")
+    es.add_argument("--once", action="store_true", help="process what is waiting, then exit")
+    es.set_defaults(func=_cmd_edge_serve)
+    edge.set_defaults(func=_edge_usage)
 
     demo = sub.add_parser("demo", help="the whole chain on this machine")
     demo.add_argument("--out", default="var/demo", help="working folder (default var/demo)")

@@ -102,6 +102,7 @@ class Config(_Strict):
     models_dir: Path = Path("./models")
     backend: Literal["auto", "tensorrt", "onnxruntime"] = "auto"
     precision: Literal["auto", "int8", "fp16", "fp32"] = "auto"
+    site_models: dict[str, str] = {}  # site -> package folder name (default: best found)
     site_secret_file: Path | None = None  # HMAC key for patient/study keys; made on first use
     low_confidence: float = Field(0.5, gt=0, lt=1)  # top probability below this is flagged
     mqtt: MqttConfig = MqttConfig()

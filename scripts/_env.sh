@@ -126,7 +126,7 @@ osteofy_ensure_venv() {
 # The Python packages mypy checks: those of the list that exist in this checkout.
 osteofy_mypy_packages() {
     local pkg
-    for pkg in osteofy cohort edge; do
+    for pkg in osteofy cohort edge quantize firmware_bridge dashboard; do
         if [ -d "$OSTEOFY_ROOT/$pkg" ]; then
             printf '%s\n' "$pkg"
         fi

@@ -20,3 +20,26 @@ def small_hand_cohort(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("hand_cohort")
     simulate(out, "hand", 6, 11, options=SimulateOptions(max_side=384, workers=1), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def device_scans(tmp_path_factory: pytest.TempPathFactory):
+    """Three hand and two hip radiographs at the reference models' resolution (1024 px)."""
+    from cohort.generate import SimulateOptions, simulate
+
+    out = tmp_path_factory.mktemp("device_scans")
+    opts = SimulateOptions(max_side=1024, workers=1, counterfactual=False, compression="none")
+    simulate(out / "hand", "hand", 3, 21, options=opts, progress=False)
+    simulate(out / "hip", "hip", 2, 22, options=opts, progress=False)
+    return sorted((out / "hand").glob("*.dcm")) + sorted((out / "hip").glob("*.dcm"))
+
+
+@pytest.fixture()
+def device_config(tmp_path):
+    """A configuration for a device whose data lives in ``tmp_path`` (reference models)."""
+    from pathlib import Path
+
+    from osteofy.config import Config
+
+    models = Path(__file__).parent.parent / "models"
+    return Config(data_dir=tmp_path / "var", models_dir=models, precision="fp32", mqtt={"url": ""})

@@ -42,4 +42,3 @@ def backend_class(name: str) -> type:
         raise ValueError(f"unknown backend {name!r} (one of {', '.join(REGISTRY)})") from None
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)
-

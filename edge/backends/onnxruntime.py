@@ -13,7 +13,9 @@ from edge.backends import OUTPUTS
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, threads: int | None = None, precision: str = "fp32") -> None:
+    def __init__(
+        self, model_path: Path, threads: int | None = None, precision: str = "fp32"
+    ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()

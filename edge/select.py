@@ -1,0 +1,131 @@
+"""Which backend and precision run a model package on this machine, and why.
+
+Rules (STYLE.md, habit 4 — no silent downgrade):
+
+* ``backend: auto`` uses TensorRT when the library, a GPU and a built engine are all present,
+  else ONNX Runtime, and the reason is recorded (shown by ``osteofy doctor``, the status topic
+  and the log). ``backend: tensorrt`` asked explicitly fails when TensorRT cannot run.
+* ``precision: auto`` on ONNX Runtime runs INT8 only when the package's INT8 file passed the
+  fidelity gates, and only when it is faster *on this CPU* (measured at start, interleaved,
+  a fraction of a second): on CPUs without fast INT8 instructions FP32 wins.
+* An explicit precision is honoured or refused, never replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.backends import Backend
+from edge.backends.onnxruntime import OnnxRuntimeBackend
+from edge.latency import interleaved
+from edge.package import ModelPackage
+from osteofy.errors import Unavailable, UsageError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime")
+PRECISIONS = ("auto", "int8", "fp16", "fp32")
+
+
+@dataclass
+class Choice:
+    """The backend that will run, and the reasons, for doctor and the status message."""
+
+    backend: Backend
+    reason: str
+    latency_ms: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict:
+        return {
+            "backend": self.backend.name,
+            "precision": self.backend.precision,
+            "reason": self.reason,
+            **({"latency_ms": self.latency_ms} if self.latency_ms else {}),
+        }
+
+
+def int8_usable(pkg: ModelPackage) -> tuple[bool, str]:
+    """Whether the package's INT8 file may run: present, listed, and gates passed."""
+    if "model.int8.onnx" not in pkg.card.get("files", {}):
+        return False, "the package has no INT8 model (run `osteofy quantize`)"
+    q = pkg.card.get("quantization", {})
+    if not q.get("gates_passed", False):
+        return False, "the package's INT8 model has no record of passing the fidelity gates"
+    return True, "INT8 passed the fidelity gates"
+
+
+def choose(
+    pkg: ModelPackage,
+    backend: str = "auto",
+    precision: str = "auto",
+    engine_cache: Path | None = None,
+    threads: int | None = None,
+) -> Choice:
+    if backend not in BACKENDS:
+        raise UsageError(f"backend must be one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}")
+    trt_reason = ""
+    if backend in ("auto", "tensorrt"):
+        try:
+            return _tensorrt(pkg, precision, engine_cache)
+        except Unavailable as exc:
+            if backend == "tensorrt":
+                raise
+            trt_reason = f"TensorRT not used: {exc}; "
+            log.debug("%s: %s", pkg.name, trt_reason.rstrip("; "))
+    choice = _onnxruntime(pkg, precision, threads)
+    choice.reason = trt_reason + choice.reason
+    return choice
+
+
+def _tensorrt(pkg: ModelPackage, precision: str, cache: Path | None) -> Choice:
+    from edge.engines import probe_device
+
+    device = probe_device()  # Unavailable without TensorRT/pycuda/GPU; imports only here
+    if cache is None:
+        raise Unavailable("no engine cache folder configured")
+    from edge.backends.tensorrt import backend_for_package
+
+    want = "int8" if precision in ("auto", "int8") else precision
+    if want == "fp32":
+        raise Unavailable("fp32 is not built as a TensorRT engine; use ONNX Runtime")
+    b = backend_for_package(pkg, cache, want, device)
+    return Choice(b, f"TensorRT {device.tensorrt_version} on {device.gpu_name}, {want} engine")
+
+
+def _onnxruntime(pkg: ModelPackage, precision: str, threads: int | None) -> Choice:
+    if precision == "fp16":
+        raise Unavailable("fp16 runs on TensorRT only; ONNX Runtime here runs fp32 or int8")
+    if precision == "fp32":
+        return Choice(
+            OnnxRuntimeBackend(pkg.model_file("fp32"), threads, "fp32"), "fp32 as configured"
+        )
+    ok, why = int8_usable(pkg)
+    if precision == "int8":
+        if not ok:
+            raise Unavailable(f"{pkg.name}: int8 asked but {why}")
+        return Choice(
+            OnnxRuntimeBackend(pkg.model_file("int8"), threads, "int8"), "int8 as configured"
+        )
+    fp32 = OnnxRuntimeBackend(pkg.model_file("fp32"), threads, "fp32")
+    if not ok:
+        return Choice(fp32, f"precision auto: fp32, because {why}")
+    int8 = OnnxRuntimeBackend(pkg.model_file("int8"), threads, "int8")
+    size = int(pkg.card["input"]["image"][-1])
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((1, 1, size, size)).astype(np.float32)
+    clinical = np.zeros((1, pkg.clinical.width), dtype=np.float32)
+    lat = interleaved({"fp32": fp32, "int8": int8}, image, clinical, runs=12, budget_s=2.0)
+    faster = "int8" if lat["int8"]["p50_ms"] < lat["fp32"]["p50_ms"] else "fp32"
+    reason = (
+        f"precision auto: {faster} is faster on this CPU (p50 fp32 "
+        f"{lat['fp32']['p50_ms']:.1f} ms, int8 {lat['int8']['p50_ms']:.1f} ms); {why}"
+    )
+    log.info("%s: %s", pkg.name, reason)
+    return Choice(int8 if faster == "int8" else fp32, reason, lat)

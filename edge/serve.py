@@ -1,0 +1,229 @@
+"""``osteofy edge serve``: the inbox daemon — every study processed exactly once, crash or not.
+
+Folders under ``data_dir`` (one file system, so every move is an atomic rename):
+
+    inbox/       complete studies, written atomically by the bridge (temp name, then rename)
+    work/        studies claimed by this process (``rename`` from inbox: atomic, so a study is
+                 never claimed twice and a claim survives a crash)
+    done/        studies whose result is committed (kept: nothing is deleted)
+    quarantine/  rejected files with ``<name>.reason.json``
+    overlays/    explanation images named by result id
+
+Per study: claim -> sha256 of the file -> if the store already has that input (a crash after
+the commit), just move it to ``done/``; else screen -> write overlays (atomic) -> commit the
+result row (one transaction) -> move to ``done/``. A crash at any point leaves the study in
+``inbox/`` or ``work/``, and a restart resumes from ``work/`` first: no lost study, no second
+result. SIGTERM/SIGINT finish the current study and stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edge.ingest import sidecar_path
+from edge.overlay import encode_jpeg, encode_png
+from edge.quarantine import quarantine
+from edge.result import utc_now
+from edge.runtime import Outcome, Screener
+from edge.store import ResultStore
+from osteofy.config import Config
+from osteofy.errors import InputRejected
+from osteofy.fsutil import atomic_write_bytes, fsync_dir
+
+log = logging.getLogger(__name__)
+
+SKIP_SUFFIXES = (".json", ".tmp", ".partial")
+POLL_S = 0.2
+RETRY_S = 5.0
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _move(src: Path, dst_dir: Path) -> Path:
+    dst = dst_dir / src.name
+    os.replace(src, dst)
+    return dst
+
+
+class Folders:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir)
+        self.inbox = self.root / "inbox"
+        self.work = self.root / "work"
+        self.done = self.root / "done"
+        self.quarantine = self.root / "quarantine"
+        self.overlays = self.root / "overlays"
+
+    def create(self) -> None:
+        for d in (self.inbox, self.work, self.done, self.quarantine, self.overlays):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def is_study(name: str) -> bool:
+    return not name.startswith(".") and not name.endswith(SKIP_SUFFIXES)
+
+
+class EdgeService:
+    """The daemon's work, separate from signals and the command line (testable)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        screener: Screener | None = None,
+        on_result: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.folders = Folders(cfg.data_dir)
+        self.folders.create()
+        self.screener = screener or Screener(cfg)
+        self.store = ResultStore(self.folders.root / "results.sqlite")
+        self.on_result = on_result
+        self.stopping = threading.Event()
+        self.processed = 0
+
+    # --- claiming ----------------------------------------------------------------------------
+
+    def pending(self) -> list[Path]:
+        """Studies to do: first those already claimed (a previous run's), then the inbox's."""
+        claimed = sorted(p for p in self.folders.work.iterdir() if is_study(p.name))
+        waiting = sorted(p for p in self.folders.inbox.iterdir() if is_study(p.name))
+        return claimed + waiting
+
+    def claim(self, path: Path) -> Path | None:
+        if path.parent == self.folders.work:
+            return path
+        side = sidecar_path(path)
+        try:
+            if side.exists():
+                _move(side, self.folders.work)
+            claimed = _move(path, self.folders.work)
+        except FileNotFoundError:
+            return None  # another process took it
+        fsync_dir(self.folders.work)
+        fsync_dir(self.folders.inbox)
+        return claimed
+
+    # --- one study ---------------------------------------------------------------------------
+
+    def process(self, path: Path) -> str:
+        """Handle one claimed study; returns 'result', 'rejected' or 'duplicate'."""
+        digest = _digest(path)
+        if self.store.seen(digest):
+            self._finish(path)
+            return "duplicate"
+        try:
+            outcome = self.screener.screen(path)
+        except InputRejected as exc:
+            return self._reject(path, digest, getattr(exc, "rule", "input"), str(exc))
+        except OSError:
+            raise  # the machine's trouble (disk, memory), not the study's: retried later
+        except Exception:
+            log.exception("internal error while screening a study; it is quarantined")
+            return self._reject(path, digest, "internal_error", "internal error while screening")
+        return self._store(path, digest, outcome)
+
+    def _reject(self, path: Path, digest: str, rule: str, reason: str) -> str:
+        dest = quarantine(path, reason, self.folders.quarantine, rule=rule)
+        side = sidecar_path(path)
+        if side.exists():
+            quarantine(side, "sidecar of a rejected study", self.folders.quarantine, rule=rule)
+        self.store.add_rejection(digest, utc_now(), rule, reason, dest.name)
+        log.info("rejected (%s): %s", rule, reason)
+        return "rejected"
+
+    def _store(self, path: Path, digest: str, outcome: Outcome) -> str:
+        result = outcome.result
+        t0 = time.perf_counter()
+        local = self.folders.overlays / f"{result.result_id}.jpg"
+        atomic_write_bytes(local, encode_jpeg(outcome.overlay(include_image=True)))
+        public = self.folders.overlays / f"{result.result_id}.png"
+        atomic_write_bytes(
+            public, encode_png(outcome.overlay(include_image=outcome.publishable_pixels))
+        )
+        result.timings_ms["render"] = round((time.perf_counter() - t0) * 1000.0, 2)
+        with self.store.transaction() as db:
+            self.store.add_result(db, digest, result.payload(), local.name, public.name)
+        self._finish(path)
+        p = result.prediction
+        log.info(
+            "result %s: %s %s P(osteoporosis)=%.2f in %.0f ms",
+            result.result_id,
+            result.body_part,
+            p.class_,
+            p.probs.osteoporosis,
+            result.timings_ms["total"],
+        )
+        if self.on_result is not None:
+            self.on_result(outcome)
+        return "result"
+
+    def _finish(self, path: Path) -> None:
+        side = sidecar_path(path)
+        if side.exists():
+            _move(side, self.folders.done)
+        _move(path, self.folders.done)
+        fsync_dir(self.folders.done)
+        fsync_dir(self.folders.work)
+
+    # --- loop --------------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Process everything pending now; returns how many studies were handled."""
+        n = 0
+        for path in self.pending():
+            if self.stopping.is_set():
+                break
+            claimed = self.claim(path)
+            if claimed is None:
+                continue
+            try:
+                self.process(claimed)
+            except OSError as exc:
+                log.error("cannot finish a study now (%s); it stays in work/ and is retried", exc)
+                self.stopping.wait(RETRY_S)
+                break
+            n += 1
+            self.processed += 1
+        return n
+
+    def serve(self, once: bool = False) -> None:
+        log.info("watching %s", self.folders.inbox)
+        while not self.stopping.is_set():
+            n = self.run_once()
+            if once:
+                return
+            if n == 0:
+                self.stopping.wait(POLL_S)
+        log.info("stopped after %d studies", self.processed)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def run_service(cfg: Config, once: bool = False) -> int:
+    service = EdgeService(cfg)
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: finishing the current study, then stopping", signum)
+        service.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        service.serve(once=once)
+    finally:
+        service.close()
+    return 0
