@@ -28,7 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge.ingest import sidecar_path
+from edge.messages import ModelStatus
+from edge.outbox import Outbox
 from edge.overlay import encode_jpeg, encode_png
+from edge.publisher import Publisher
 from edge.quarantine import quarantine
 from edge.result import utc_now
 from edge.runtime import Outcome, Screener
@@ -90,6 +93,10 @@ class EdgeService:
         self.folders.create()
         self.screener = screener or Screener(cfg)
         self.store = ResultStore(self.folders.root / "results.sqlite")
+        m = cfg.mqtt
+        self.outbox = Outbox(
+            self.store, cfg.site_id, cfg.device_id, m.outbox_limit, m.outbox_alarm_fraction
+        )
         self.on_result = on_result
         self.stopping = threading.Event()
         self.processed = 0
@@ -155,7 +162,13 @@ class EdgeService:
         )
         result.timings_ms["render"] = round((time.perf_counter() - t0) * 1000.0, 2)
         with self.store.transaction() as db:
-            self.store.add_result(db, digest, result.payload(), local.name, public.name)
+            payload = result.payload()
+            self.store.add_result(db, digest, payload, local.name, public.name)
+            if not self.outbox.enqueue_result(db, payload, public.name):
+                log.error(
+                    "outbox full (%d messages): result kept locally, queued when space frees",
+                    self.outbox.limit,
+                )
         self._finish(path)
         p = result.prediction
         log.info(
@@ -209,12 +222,47 @@ class EdgeService:
                 self.stopping.wait(POLL_S)
         log.info("stopped after %d studies", self.processed)
 
+    def last_result_at(self) -> str | None:
+        with self.store._lock:
+            row = self.store.db.execute("SELECT MAX(created_at) FROM results").fetchone()
+        return row[0] if row else None
+
     def close(self) -> None:
         self.store.close()
 
 
+def start_publisher(service: EdgeService) -> Publisher | None:
+    """The MQTT side, unless the configuration says offline (``mqtt.url`` empty)."""
+    cfg = service.cfg
+    if not cfg.mqtt.url:
+        log.info("MQTT offline (mqtt.url is empty): results stay queued in the outbox")
+        return None
+    models = [
+        ModelStatus(
+            site=site,
+            name=m.pkg.name,
+            version=str(m.pkg.card.get("version", "0")),
+            backend=m.choice.backend.name,
+            precision=m.choice.backend.precision,
+        )
+        for site, m in sorted(service.screener.models.items())
+    ]
+    problems = [f"{site}: {why}" for site, why in sorted(service.screener.problems.items())]
+    pub = Publisher(
+        cfg,
+        service.outbox,
+        service.folders.overlays,
+        models=models,
+        problems=problems,
+        last_result_at=service.last_result_at,
+    )
+    pub.start()
+    return pub
+
+
 def run_service(cfg: Config, once: bool = False) -> int:
     service = EdgeService(cfg)
+    publisher = start_publisher(service)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: finishing the current study, then stopping", signum)
@@ -225,5 +273,7 @@ def run_service(cfg: Config, once: bool = False) -> int:
     try:
         service.serve(once=once)
     finally:
+        if publisher is not None:
+            publisher.stop()
         service.close()
     return 0
