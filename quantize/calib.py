@@ -59,7 +59,7 @@ def split_calibration(
         idx = np.random.default_rng(seed).permutation(len(calib))
         n_hold = len(calib) // 3
         heldout, calib = calib.take(idx[:n_hold]), calib.take(idx[n_hold:])
-    if len(calib) < min_calibration:
+    if len(calib) - len(calib) % 16 < min_calibration:  # calibration runs in batches of 16
         raise UsageError(
             f"quantize: {len(calib)} calibration images; at least {min_calibration} are needed "
             "(give a larger --calib folder, or a separate --heldout folder)"

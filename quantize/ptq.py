@@ -19,9 +19,11 @@ Choices, and why:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +42,30 @@ METHODS = {
     "percentile": CalibrationMethod.Percentile,
 }
 PERCENTILE = 99.999
-STRIDE = 64  # images per calibrator pass: histograms stream, memory stays bounded
+STRIDE = 32  # images per calibrator pass: histograms stream, memory stays bounded
+BATCH = 16  # images per calibration run; STRIDE is a multiple of it
 BACKBONE_PREFIX = "/body."
+
+
+class _DropOrtAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage() and "onnxruntime-inference" not in (
+            record.getMessage()
+        )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's quantizer prints progress to stdout and advice to the root logger;
+    our command's stdout is its report, so both are kept out of it."""
+    flt = _DropOrtAdvice()
+    root = logging.getLogger()
+    root.addFilter(flt)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeFilter(flt)
 
 
 def backbone_nodes(model_path: Path) -> list[str]:
@@ -74,7 +98,7 @@ def calibrate(model_path: Path, inputs: Inputs, method: str, cache: Path) -> Pat
     calib_opts = {"symmetric": True}
     if method == "percentile":
         calib_opts["percentile"] = PERCENTILE  # type: ignore[assignment]
-    with tempfile.TemporaryDirectory(prefix="osteofy-calib-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="osteofy-calib-") as tmp, _quiet():
         calibrator = create_calibrator(
             Path(model_path),
             None,
@@ -83,9 +107,12 @@ def calibrate(model_path: Path, inputs: Inputs, method: str, cache: Path) -> Pat
             providers=["CPUExecutionProvider"],
             extra_options=calib_opts,
         )
-        reader = Reader(inputs)
-        for start in range(0, len(inputs), STRIDE):
-            reader.set_range(start, start + STRIDE)
+        # Histogram calibrators stack a pass's outputs, so every batch has the same size:
+        # the few images beyond a multiple of BATCH are left out (and the report says so).
+        usable = len(inputs) - len(inputs) % BATCH
+        reader = Reader(inputs, batch=BATCH)
+        for start in range(0, usable, STRIDE):
+            reader.set_range(start, min(start + STRIDE, usable))
             calibrator.collect_data(reader)
         ranges = calibrator.compute_data()
     save_tensors_data(ranges, cache)
@@ -100,6 +127,15 @@ def quantize(
     keep_fp32: Iterable[str] = (),
 ) -> Path:
     """Write a QDQ INT8 model; nodes in ``keep_fp32`` stay in floating point."""
+    with _quiet():
+        _quantize_static(model_path, out, cache, method, keep_fp32)
+    float_taps(out, set(backbone_nodes(model_path)))
+    return out
+
+
+def _quantize_static(
+    model_path: Path, out: Path, cache: Path, method: str, keep_fp32: Iterable[str]
+) -> None:
     quantize_static(
         str(model_path),
         str(out),
@@ -114,8 +150,6 @@ def quantize(
         extra_options=_extra_options(method),
         calibration_cache_path=str(cache),
     )
-    float_taps(out, set(backbone_nodes(model_path)))
-    return out
 
 
 def float_taps(path: Path, quantized: set[str]) -> int:

@@ -163,7 +163,7 @@ def _report(
         "model": name,
         "format": "QDQ, symmetric signed INT8, per-channel weights (ONNX Runtime and TensorRT)",
         "method": opts.method,
-        "calibration": {"n": len(calib), "data": str(calib.folder)},
+        "calibration": {"n": len(calib) - len(calib) % ptq.BATCH, "data": str(calib.folder)},
         "heldout": {"n": len(held), "data": str(held.folder)},
         "synthetic_data": (held.folder / "cohort.json").is_file(),
         "quantized": "backbone blocks; the fusion head, Grad-CAM, clinical attribution and "

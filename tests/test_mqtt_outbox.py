@@ -8,6 +8,7 @@ import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
+from mqtt_broker import MOSQUITTO, Broker, wait_for
 
 from edge.messages import Heartbeat, Status
 from edge.outbox import Outbox
@@ -15,7 +16,6 @@ from edge.publisher import Publisher
 from edge.result import Result
 from edge.runtime import Screener
 from edge.store import ResultStore
-from mqtt_broker import MOSQUITTO, Broker, wait_for
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
