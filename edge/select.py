@@ -77,8 +77,8 @@ def choose(
         except Unavailable as exc:
             if backend == "tensorrt":
                 raise
-            trt_reason = f"TensorRT not used: {exc}; "
-            log.debug("%s: %s", pkg.name, trt_reason.rstrip("; "))
+            trt_reason = "TensorRT not available (see `osteofy doctor`); "
+            log.debug("%s: TensorRT not used: %s", pkg.name, exc)
     choice = _onnxruntime(pkg, precision, threads)
     choice.reason = trt_reason + choice.reason
     return choice

@@ -28,7 +28,6 @@ PLANNED = {
     "bridge": "the digitizer bridge",
     "dashboard": "the central dashboard",
     "bench": "pipeline benchmarks",
-    "doctor": "the device self-check",
 }
 
 
@@ -220,6 +219,12 @@ def _cmd_edge_serve(args: argparse.Namespace) -> int:
     return run_service(_config(args), once=args.once)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from edge.doctor import run_doctor
+
+    return run_doctor(_config(args), as_json=args.json)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from osteofy.demo import run_demo
 
@@ -385,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--once", action="store_true", help="process what is waiting, then exit")
     es.set_defaults(func=_cmd_edge_serve)
     edge.set_defaults(func=_edge_usage)
+
+    doc = sub.add_parser("doctor", help="what this machine can screen with, and what is wrong")
+    doc.add_argument("--config", help="configuration file")
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(func=_cmd_doctor)
 
     demo = sub.add_parser("demo", help="the whole chain on this machine")
     demo.add_argument("--out", default="var/demo", help="working folder (default var/demo)")

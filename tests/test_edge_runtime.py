@@ -208,3 +208,17 @@ def test_kill_9_during_100_studies_loses_nothing_and_duplicates_nothing(
         _, local, public = check.store.result(payload["result_id"])
         assert local in overlays and public in overlays
     check.close()
+
+
+def test_doctor_says_what_runs_and_fails_without_models(device_config, tmp_path, capsys):
+    cfg = _write_config(device_config, tmp_path / "config.yaml")
+    assert main(["doctor", "--json", "--config", str(cfg)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["can_screen"] is True
+    sites = {c["name"]: c for c in report["checks"] if c["name"].startswith("site ")}
+    assert sites["site hand"]["ok"] and "onnxruntime/fp32" in sites["site hand"]["detail"]
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    (tmp_path / "bad.yaml").write_text(f"models_dir: {empty}\ndata_dir: {tmp_path}/v\n")
+    assert main(["doctor", "--config", str(tmp_path / "bad.yaml")]) == 4
+    assert "CANNOT screen" in capsys.readouterr().out
