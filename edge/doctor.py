@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,26 +82,10 @@ def _engines(cfg: Config) -> Check:
 def _broker(cfg: Config) -> Check:
     if not cfg.mqtt.url:
         return Check("mqtt", True, "offline mode (mqtt.url empty): results stay queued")
-    from edge.publisher import broker_address
+    from edge.publisher import check_broker
 
-    host, port, tls = broker_address(cfg.mqtt.url)
-    try:
-        with socket.create_connection((host, port), timeout=3) as sock:
-            if tls:
-                ctx = ssl.create_default_context(
-                    cafile=str(cfg.mqtt.tls.ca) if cfg.mqtt.tls.ca else None
-                )
-                if cfg.mqtt.tls.cert and cfg.mqtt.tls.key:
-                    ctx.load_cert_chain(str(cfg.mqtt.tls.cert), str(cfg.mqtt.tls.key))
-                with ctx.wrap_socket(sock, server_hostname=host) as tsock:
-                    return Check("mqtt", True, f"{host}:{port} reachable, TLS {tsock.version()}")
-    except ssl.SSLError as exc:
-        return Check("mqtt", False, f"{host}:{port} TLS refused: {exc.reason or exc}")
-    except OSError as exc:
-        return Check(
-            "mqtt", False, f"{host}:{port} unreachable ({exc.strerror or exc}); results stay queued"
-        )
-    return Check("mqtt", True, f"{host}:{port} reachable")
+    ok, detail = check_broker(cfg)
+    return Check("mqtt", ok, detail)
 
 
 def _disk(cfg: Config) -> Check:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +43,27 @@ def broker_address(url: str) -> tuple[str, int, bool]:
         raise UsageError(f"mqtt.url must look like mqtt://host:1883 or mqtts://host:8883: {url!r}")
     tls = parts.scheme == "mqtts"
     return parts.hostname, parts.port or (8883 if tls else 1883), tls
+
+
+def check_broker(cfg: Config, timeout: float = 3.0) -> tuple[bool, str]:
+    """(reachable, one line): TCP, and the TLS handshake with our certificates when mqtts."""
+    host, port, tls = broker_address(cfg.mqtt.url)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            if not tls:
+                return True, f"{host}:{port} reachable"
+            m = cfg.mqtt.tls
+            ctx = ssl.create_default_context(cafile=str(m.ca) if m.ca else None)
+            if m.cert and m.key:
+                ctx.load_cert_chain(str(m.cert), str(m.key))
+            with ctx.wrap_socket(sock, server_hostname=host) as tsock:
+                return True, f"{host}:{port} reachable, {tsock.version()}"
+    except ssl.SSLCertVerificationError as exc:
+        return False, f"{host}:{port}: broker certificate refused ({exc.verify_message})"
+    except ssl.SSLError as exc:
+        return False, f"{host}:{port}: TLS handshake failed ({exc.reason or exc})"
+    except OSError as exc:
+        return False, f"{host}:{port} unreachable ({exc.strerror or exc})"
 
 
 class Publisher:
@@ -71,6 +94,7 @@ class Publisher:
         self.client = self._client(5)
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
+        self._next_beat = 0.0
 
     # --- client set-up -----------------------------------------------------------------------
 
@@ -124,6 +148,7 @@ class Publisher:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
+        c.on_connect_fail = self._on_connect_fail
         return c
 
     # --- callbacks (paho's network thread) ----------------------------------------------------
@@ -142,6 +167,13 @@ class Publisher:
         client.publish(self._topic("status"), self._status("online"), qos=1, retain=True)
         self.connected.set()
         self.wake.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:  # noqa: ANN001
+        ok, detail = check_broker(self.cfg)
+        reason = detail if not ok else "connection failed"
+        if reason != self.last_error:  # say it once per distinct reason, not every retry
+            log.error("MQTT: %s; results stay queued", reason)
+        self.last_error = reason
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:  # noqa: ANN001
         self.connected.clear()
@@ -188,21 +220,27 @@ class Publisher:
 
     def _run(self) -> None:
         self._connect()
-        next_beat = 0.0
         while not self.stopping.is_set():
-            if self.protocol != self._client_protocol:
-                self.client.loop_stop()
-                self.client = self._client(3)
-                self._connect()
-            if self.connected.is_set():
-                self._send_some()
-                if time.monotonic() >= next_beat:
-                    self._heartbeat()
-                    next_beat = time.monotonic() + self.cfg.mqtt.heartbeat_s
-            if self.outbox.stats()["unqueued_results"]:
-                self.outbox.backfill()
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - the publisher must outlive any one failure
+                log.exception("MQTT publisher step failed; retrying")
+                self.stopping.wait(1.0)
             self.wake.wait(0.5)
             self.wake.clear()
+
+    def _step(self) -> None:
+        if self.protocol != self._client_protocol:  # the broker refused MQTT 5
+            self.client.loop_stop()
+            self.client = self._client(3)
+            self._connect()
+        if self.connected.is_set():
+            self._send_some()
+            if time.monotonic() >= self._next_beat:
+                self._heartbeat()
+                self._next_beat = time.monotonic() + self.cfg.mqtt.heartbeat_s
+        if self.outbox.stats()["unqueued_results"]:
+            self.outbox.backfill()
 
     def _send_some(self) -> None:
         with self._lock:
@@ -230,7 +268,10 @@ class Publisher:
 
     def heartbeat_payload(self) -> Heartbeat:
         st = self.outbox.stats()
-        free = shutil.disk_usage(self.cfg.data_dir).free / 1e6
+        where = Path(self.cfg.data_dir).resolve()
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        free = shutil.disk_usage(where).free / 1e6
         return Heartbeat(
             device_id=self.cfg.device_id,
             site_id=self.cfg.site_id,

@@ -1,0 +1,182 @@
+"""MQTT over TLS with per-device client certificates; a wrong broker certificate is refused
+with a clear message and the queued results are kept."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from mqtt_broker import MOSQUITTO, free_port, wait_for
+
+from edge.outbox import Outbox
+from edge.publisher import Publisher, check_broker
+from edge.store import ResultStore
+from osteofy.config import Config
+
+pytestmark = pytest.mark.skipif(
+    MOSQUITTO is None or shutil.which("openssl") is None, reason="mosquitto or openssl missing"
+)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.crt",
+        cwd=d,
+    )
+
+
+def _signed(d: Path, ca: str, name: str, cn: str, server: bool) -> None:
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={cn}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=d,
+    )
+    ext = d / f"{name}.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n" if server else "extendedKeyUsage=clientAuth\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.crt",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        f"{name}.crt",
+        "-extfile",
+        ext.name,
+        cwd=d,
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    _ca(d, "ca")
+    _ca(d, "rogue")
+    _signed(d, "ca", "server", "broker", server=True)
+    _signed(d, "ca", "device", "edge-01", server=False)
+    return d
+
+
+@pytest.fixture()
+def tls_broker(pki: Path, tmp_path: Path):
+    port = free_port()
+    conf = tmp_path / "tls.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"cafile {pki / 'ca.crt'}\ncertfile {pki / 'server.crt'}\nkeyfile {pki / 'server.key'}\n"
+        "require_certificate true\nuse_identity_as_username true\n"
+        # As root, mosquitto drops to its own user, which cannot read pytest's 0700 temp dirs.
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    proc = subprocess.Popen(
+        [str(MOSQUITTO), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    import socket
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    assert wait_for(up, 10)
+    yield port
+    proc.terminate()
+    proc.wait(5)
+
+
+def _config(tmp_path: Path, port: int, pki: Path, ca: str) -> Config:
+    return Config(
+        data_dir=tmp_path / "var",
+        mqtt={
+            "url": f"mqtts://127.0.0.1:{port}",
+            "tls": {"ca": pki / f"{ca}.crt", "cert": pki / "device.crt", "key": pki / "device.key"},
+        },
+    )
+
+
+def _queue_one(tmp_path: Path, cfg: Config) -> Outbox:
+    store = ResultStore(tmp_path / "results.sqlite")
+    outbox = Outbox(store, cfg.site_id, cfg.device_id, limit=100)
+    with store.transaction() as db:
+        outbox.enqueue_feedback(
+            db,
+            {
+                "schema": "osteofy.feedback.v1",
+                "feedback_id": str(uuid.uuid4()),
+                "result_id": str(uuid.uuid4()),
+                "device_id": cfg.device_id,
+                "site_id": cfg.site_id,
+                "at": "2026-11-21T00:00:00Z",
+                "agree": True,
+            },
+        )
+    return outbox
+
+
+def test_client_certificate_connection_drains_the_outbox(tls_broker, pki, tmp_path):
+    cfg = _config(tmp_path, tls_broker, pki, "ca")
+    ok, detail = check_broker(cfg)
+    assert ok and "TLS" in detail
+    outbox = _queue_one(tmp_path, cfg)
+    pub = Publisher(cfg, outbox, tmp_path)
+    pub.start()
+    try:
+        assert wait_for(lambda: outbox.stats()["depth"] == 0, 15)
+    finally:
+        pub.stop(timeout=2)
+        outbox.store.close()
+
+
+def test_an_untrusted_broker_is_refused_clearly_and_data_is_kept(tls_broker, pki, tmp_path, caplog):
+    cfg = _config(tmp_path, tls_broker, pki, "rogue")  # we trust another CA than the broker's
+    ok, detail = check_broker(cfg)
+    assert not ok and "certificate refused" in detail
+    outbox = _queue_one(tmp_path, cfg)
+    pub = Publisher(cfg, outbox, tmp_path)
+    with caplog.at_level("ERROR", logger="edge.publisher"):
+        pub.start()
+        assert wait_for(lambda: pub.last_error is not None, 15)
+    try:
+        assert "certificate refused" in pub.last_error
+        assert not pub.connected.is_set()
+        assert outbox.stats()["depth"] == 1
+        assert any("certificate refused" in r.getMessage() for r in caplog.records)
+    finally:
+        pub.stop(timeout=1)
+        outbox.store.close()
