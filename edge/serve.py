@@ -19,21 +19,25 @@ result. SIGTERM/SIGINT finish the current study and stop.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from edge.ingest import sidecar_path
-from edge.messages import ModelStatus
+import numpy as np
+
+from edge.ingest import merge_facts, sidecar_path
+from edge.messages import Feedback, ModelStatus
 from edge.outbox import Outbox
 from edge.overlay import encode_jpeg, encode_png
 from edge.publisher import Publisher
 from edge.quarantine import quarantine
-from edge.result import utc_now
+from edge.result import CLASSES, utc_now
 from edge.runtime import Outcome, Screener
 from edge.store import ResultStore
 from osteofy.config import Config
@@ -152,36 +156,92 @@ class EdgeService:
         return "rejected"
 
     def _store(self, path: Path, digest: str, outcome: Outcome) -> str:
+        self._persist(outcome, digest, source=path.name)
+        self._finish(path)
+        if self.on_result is not None:
+            self.on_result(outcome)
+        return "result"
+
+    def _persist(
+        self, outcome: Outcome, key: str, source: str, supersedes: str | None = None
+    ) -> None:
+        """Overlay files first (atomic), then the result and its outbox rows in one commit."""
         result = outcome.result
+        rid = result.result_id
         t0 = time.perf_counter()
-        local = self.folders.overlays / f"{result.result_id}.jpg"
+        o = self.folders.overlays
+        local = o / f"{rid}.jpg"
         atomic_write_bytes(local, encode_jpeg(outcome.overlay(include_image=True)))
-        public = self.folders.overlays / f"{result.result_id}.png"
+        public = o / f"{rid}.png"
         atomic_write_bytes(
             public, encode_png(outcome.overlay(include_image=outcome.publishable_pixels))
         )
+        # For the local screen: the radiograph and each class's heat map, blended in the browser.
+        atomic_write_bytes(o / f"{rid}.base.jpg", encode_jpeg(outcome.display8))
+        for cls in CLASSES:
+            heat = (outcome.heat(cls) * 255.0 + 0.5).astype(np.uint8)
+            atomic_write_bytes(o / f"{rid}.heat-{cls}.png", encode_png(heat))
         result.timings_ms["render"] = round((time.perf_counter() - t0) * 1000.0, 2)
         with self.store.transaction() as db:
             payload = result.payload()
-            self.store.add_result(db, digest, payload, local.name, public.name)
+            self.store.add_result(
+                db, key, payload, local.name, public.name, source=source, supersedes=supersedes
+            )
             if not self.outbox.enqueue_result(db, payload, public.name):
                 log.error(
                     "outbox full (%d messages): result kept locally, queued when space frees",
                     self.outbox.limit,
                 )
-        self._finish(path)
         p = result.prediction
         log.info(
             "result %s: %s %s P(osteoporosis)=%.2f in %.0f ms",
-            result.result_id,
+            rid,
             result.body_part,
             p.class_,
             p.probs.osteoporosis,
             result.timings_ms["total"],
         )
-        if self.on_result is not None:
-            self.on_result(outcome)
-        return "result"
+
+    # --- the technician's actions ------------------------------------------------------------
+
+    def rescreen(self, result_id: str, facts: Mapping[str, object]) -> Outcome:
+        """Screen a done study again with completed clinical facts; the new result supersedes.
+
+        Raises KeyError for an unknown result, InputRejected for bad facts.
+        """
+        found = self.store.source_of(result_id)
+        if found is None:
+            raise KeyError(result_id)
+        digest, source = found
+        merge_facts({}, None, facts)  # refuse unknown names or bad values before any work
+        outcome = self.screener.screen(self.folders.done / source, clinical=facts)
+        facts_key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+        self._persist(
+            outcome,
+            f"{digest.split(':')[0]}:{facts_key}:{outcome.result.result_id}",
+            source,
+            supersedes=result_id,
+        )
+        return outcome
+
+    def feedback(self, result_id: str, agree: bool | None, dxa_tscore: float | None = None) -> dict:
+        """Store a clinician's feedback and queue it for the ``feedback`` topic, in one commit."""
+        if self.store.result(result_id) is None:
+            raise KeyError(result_id)
+        fb = Feedback(
+            feedback_id=str(uuid.uuid4()),
+            result_id=result_id,
+            device_id=self.cfg.device_id,
+            site_id=self.cfg.site_id,
+            at=utc_now(),
+            agree=agree,
+            dxa_tscore=dxa_tscore,
+        )
+        payload = fb.model_dump(mode="json", by_alias=True)
+        with self.store.transaction() as db:
+            self.store.add_feedback(db, payload)
+            self.outbox.enqueue_feedback(db, payload)
+        return payload
 
     def _finish(self, path: Path) -> None:
         side = sidecar_path(path)

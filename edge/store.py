@@ -24,9 +24,18 @@ CREATE TABLE IF NOT EXISTS results (
     body_part    TEXT NOT NULL,
     payload      TEXT NOT NULL,
     overlay_local  TEXT,
-    overlay_public TEXT
+    overlay_public TEXT,
+    source       TEXT,            -- the study's file name in done/ (for re-screening)
+    supersedes   TEXT             -- result_id this one replaces (re-screened with more facts)
 );
 CREATE INDEX IF NOT EXISTS results_created ON results (created_at);
+CREATE TABLE IF NOT EXISTS feedback (
+    feedback_id TEXT PRIMARY KEY,
+    result_id   TEXT NOT NULL REFERENCES results (result_id),
+    at          TEXT NOT NULL,
+    agree       INTEGER,
+    dxa_tscore  REAL
+);
 CREATE TABLE IF NOT EXISTS rejections (
     input_sha256 TEXT PRIMARY KEY,
     created_at   TEXT NOT NULL,
@@ -89,10 +98,12 @@ class ResultStore:
         payload: dict,
         overlay_local: str | None,
         overlay_public: str | None,
+        source: str | None = None,
+        supersedes: str | None = None,
     ) -> None:
         """Insert inside a :meth:`transaction` (so the outbox can join the same commit)."""
         db.execute(
-            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 payload["result_id"],
                 input_sha256,
@@ -101,8 +112,47 @@ class ResultStore:
                 json.dumps(payload, separators=(",", ":")),
                 overlay_local,
                 overlay_public,
+                source,
+                supersedes,
             ),
         )
+
+    def source_of(self, result_id: str) -> tuple[str, str] | None:
+        """(input_sha256, source file name) of a result."""
+        with self._lock:
+            row = self.db.execute(
+                "SELECT input_sha256, source FROM results WHERE result_id = ?", (result_id,)
+            ).fetchone()
+        return None if row is None or row[1] is None else (row[0], row[1])
+
+    def add_feedback(self, db: sqlite3.Connection, payload: dict) -> None:
+        db.execute(
+            "INSERT INTO feedback VALUES (?, ?, ?, ?, ?)",
+            (
+                payload["feedback_id"],
+                payload["result_id"],
+                payload["at"],
+                None if payload.get("agree") is None else int(payload["agree"]),
+                payload.get("dxa_tscore"),
+            ),
+        )
+
+    def feedback_for(self, result_id: str) -> list[dict]:
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT feedback_id, at, agree, dxa_tscore FROM feedback WHERE result_id = ? "
+                "ORDER BY at",
+                (result_id,),
+            ).fetchall()
+        return [
+            {
+                "feedback_id": r[0],
+                "at": r[1],
+                "agree": None if r[2] is None else bool(r[2]),
+                "dxa_tscore": r[3],
+            }
+            for r in rows
+        ]
 
     def add_rejection(
         self, input_sha256: str, created_at: str, rule: str, reason: str, quarantined_as: str

@@ -20,6 +20,7 @@ from edge.result import Result
 from edge.runtime import Screener
 from edge.serve import EdgeService
 from osteofy.cli import main
+from osteofy.errors import InputRejected
 
 ROOT = Path(__file__).parent.parent
 
@@ -222,3 +223,36 @@ def test_doctor_says_what_runs_and_fails_without_models(device_config, tmp_path,
     (tmp_path / "bad.yaml").write_text(f"models_dir: {empty}\ndata_dir: {tmp_path}/v\n")
     assert main(["doctor", "--config", str(tmp_path / "bad.yaml")]) == 4
     assert "CANNOT screen" in capsys.readouterr().out
+
+
+def test_rescreen_with_completed_facts_and_feedback_are_stored_and_queued(
+    device_scans, device_config
+):
+    from edge.outbox import Outbox
+
+    service = EdgeService(device_config)
+    _with_identity(device_scans[0], service.folders.inbox / "s.dcm", 5)
+    service.run_once()
+    (first,) = service.store.results()
+    rid = first["result_id"]
+    for cls in ("normal", "osteopenia", "osteoporosis"):
+        assert (service.folders.overlays / f"{rid}.heat-{cls}.png").is_file()
+    outcome = service.rescreen(rid, {"prior_fracture": 1, "glucocorticoids": 1})
+    new = outcome.result
+    assert new.result_id != rid
+    assert "prior_fracture" not in new.quality.missing_facts
+    assert new.prediction.probs.osteoporosis > first["prediction"]["probs"]["osteoporosis"]
+    row = service.store.db.execute(
+        "SELECT supersedes FROM results WHERE result_id = ?", (new.result_id,)
+    ).fetchone()
+    assert row[0] == rid
+    with pytest.raises(InputRejected):
+        service.rescreen(rid, {"smokes": True})
+    fb = service.feedback(rid, agree=False, dxa_tscore=-2.9)
+    assert service.store.feedback_for(rid)[0]["dxa_tscore"] == -2.9
+    kinds = [
+        m.kind for m in Outbox(service.store, "clinic-001", "edge-01", 1000).pending(set(), 50)
+    ]
+    assert kinds.count("result") == 2 and kinds.count("feedback") == 1
+    assert fb["result_id"] == rid
+    service.close()
