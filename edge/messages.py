@@ -20,7 +20,7 @@ TOPIC_ROOT = "osteofy/v1"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelStatus(_Strict):
@@ -43,7 +43,7 @@ class Status(_Strict):
     models: list[ModelStatus] = []
     problems: list[str] = []  # plain words: e.g. a model that failed its integrity check
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class Heartbeat(_Strict):
@@ -59,7 +59,7 @@ class Heartbeat(_Strict):
     disk_free_mb: float = Field(ge=0)
     last_result_at: str | None = None
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class Feedback(_Strict):
@@ -72,7 +72,7 @@ class Feedback(_Strict):
     agree: bool | None = None  # clinician agrees with the screening result
     dxa_tscore: float | None = Field(None, ge=-8, le=6)  # later, when a DXA was done
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 MESSAGES: dict[str, type[BaseModel]] = {

@@ -27,7 +27,7 @@ AGE_CAP = 90
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelInfo(_Strict):
@@ -50,7 +50,7 @@ class Prediction(_Strict):
     tscore: float = Field(description="estimated T-score (screening aid, not a DXA value)")
     refer: bool = Field(description="P(osteoporosis) >= the model's referral threshold")
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class Contribution(_Strict):
@@ -97,7 +97,7 @@ class Result(_Strict):
     quality: Quality
     timings_ms: dict[str, float]
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     def payload(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)

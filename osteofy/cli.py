@@ -26,7 +26,6 @@ OWN_LOGGERS = ("osteofy", "cohort", "edge", "model", "quantize", "firmware_bridg
 # Subcommands of DESIGN.md that later versions provide; they answer with a clear message.
 PLANNED = {
     "bridge": "the digitizer bridge",
-    "dashboard": "the central dashboard",
     "bench": "pipeline benchmarks",
 }
 
@@ -225,6 +224,17 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(_config(args), as_json=args.json)
 
 
+def _dashboard_usage(args: argparse.Namespace) -> int:
+    raise UsageError("dashboard: give a command (serve)")
+
+
+def _cmd_dashboard_serve(args: argparse.Namespace) -> int:
+    from dashboard.service import serve
+
+    cfg = _config(args)
+    return serve(cfg, users_file=cfg.dashboard.users_file, client_id=cfg.dashboard.client_id)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from osteofy.demo import run_demo
 
@@ -390,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--once", action="store_true", help="process what is waiting, then exit")
     es.set_defaults(func=_cmd_edge_serve)
     edge.set_defaults(func=_edge_usage)
+
+    dash = sub.add_parser("dashboard", help="the central dashboard (MQTT -> store -> web)")
+    dash_sub = dash.add_subparsers(
+        dest="dashboard_command", metavar="COMMAND", parser_class=_Parser
+    )
+    ds = dash_sub.add_parser("serve", help="subscribe, store and serve the web UI and API")
+    ds.add_argument("--config", help="configuration file")
+    ds.set_defaults(func=_cmd_dashboard_serve)
+    dash.set_defaults(func=_dashboard_usage)
 
     doc = sub.add_parser("doctor", help="what this machine can screen with, and what is wrong")
     doc.add_argument("--config", help="configuration file")

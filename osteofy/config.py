@@ -73,6 +73,8 @@ class DashboardConfig(_Strict):
     port: int = Field(8090, ge=0, le=65535)
     db_url: str = "sqlite:///./var/dashboard.sqlite"
     api_token_file: Path | None = None
+    users_file: Path | None = None  # name:pbkdf2_sha256$… lines (python -m dashboard.auth NAME)
+    client_id: str | None = None  # MQTT client id (the persistent session is found by it)
 
 
 class IngestConfig(_Strict):

@@ -12,7 +12,9 @@
 OSTEOFY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OSTEOFY_VENV="$OSTEOFY_ROOT/.venv"
 OSTEOFY_STAMP="$OSTEOFY_VENV/.osteofy-stamp"
-OSTEOFY_EXTRAS="dev,train"
+OSTEOFY_EXTRAS="dev,train,dashboard"
+# Debian packages some tests drive (they skip with a stated reason when absent).
+OSTEOFY_APT_PACKAGES="dcmtk dicom3tools mosquitto chromium openssl"
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_NO_INPUT=1
@@ -62,6 +64,9 @@ osteofy_ensure_system_tools() {
     local -a missing=()
     command -v storescu >/dev/null 2>&1 || missing+=(storescu)
     command -v dciodvfy >/dev/null 2>&1 || missing+=(dciodvfy)
+    command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     if [ "${#missing[@]}" -eq 0 ]; then
         return 0
     fi
@@ -69,9 +74,10 @@ osteofy_ensure_system_tools() {
         osteofy_warn "missing ${missing[*]}; OSTEOFY_SKIP_APT=1, not installing (tests needing them will skip)"
         return 0
     fi
-    osteofy_log "missing ${missing[*]}: installing Debian packages dcmtk dicom3tools"
-    if ! _osteofy_apt_install dcmtk dicom3tools; then
-        osteofy_warn "could not install dcmtk dicom3tools (no apt-get, no root/sudo, or no network);" \
+    osteofy_log "missing ${missing[*]}: installing Debian packages $OSTEOFY_APT_PACKAGES"
+    # shellcheck disable=SC2086
+    if ! _osteofy_apt_install $OSTEOFY_APT_PACKAGES; then
+        osteofy_warn "could not install $OSTEOFY_APT_PACKAGES (no apt-get, no root/sudo, or no network);" \
             "tests needing ${missing[*]} will skip"
     fi
 }
