@@ -41,7 +41,7 @@ from edge.result import CLASSES, utc_now
 from edge.runtime import Outcome, Screener
 from edge.store import ResultStore
 from osteofy.config import Config
-from osteofy.errors import InputRejected
+from osteofy.errors import InputRejected, Unavailable
 from osteofy.fsutil import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,12 @@ class EdgeService:
         return "result"
 
     def _persist(
-        self, outcome: Outcome, key: str, source: str, supersedes: str | None = None
+        self,
+        outcome: Outcome,
+        key: str,
+        source: str,
+        supersedes: str | None = None,
+        given_facts: dict | None = None,
     ) -> None:
         """Overlay files first (atomic), then the result and its outbox rows in one commit."""
         result = outcome.result
@@ -185,7 +190,14 @@ class EdgeService:
         with self.store.transaction() as db:
             payload = result.payload()
             self.store.add_result(
-                db, key, payload, local.name, public.name, source=source, supersedes=supersedes
+                db,
+                key,
+                payload,
+                local.name,
+                public.name,
+                source=source,
+                supersedes=supersedes,
+                given_facts=given_facts,
             )
             if not self.outbox.enqueue_result(db, payload, public.name):
                 log.error(
@@ -214,6 +226,7 @@ class EdgeService:
             raise KeyError(result_id)
         digest, source = found
         merge_facts({}, None, facts)  # refuse unknown names or bad values before any work
+        facts = {**self.store.given_facts(result_id), **facts}  # earlier answers still count
         outcome = self.screener.screen(self.folders.done / source, clinical=facts)
         facts_key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
         self._persist(
@@ -221,6 +234,7 @@ class EdgeService:
             f"{digest.split(':')[0]}:{facts_key}:{outcome.result.result_id}",
             source,
             supersedes=result_id,
+            given_facts=facts,
         )
         return outcome
 
@@ -321,8 +335,16 @@ def start_publisher(service: EdgeService) -> Publisher | None:
 
 
 def run_service(cfg: Config, once: bool = False) -> int:
+    from edge.screen_web import attach
+
     service = EdgeService(cfg)
     publisher = start_publisher(service)
+    stop_screen: Callable[[], None] = lambda: None  # noqa: E731
+    if not once:
+        try:
+            stop_screen = attach(service, publisher, cfg)
+        except Unavailable as exc:  # screening matters more than the screen
+            log.error("local screen not available: %s; screening continues", exc)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: finishing the current study, then stopping", signum)
@@ -333,6 +355,7 @@ def run_service(cfg: Config, once: bool = False) -> int:
     try:
         service.serve(once=once)
     finally:
+        stop_screen()
         if publisher is not None:
             publisher.stop()
         service.close()

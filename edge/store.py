@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS results (
     overlay_local  TEXT,
     overlay_public TEXT,
     source       TEXT,            -- the study's file name in done/ (for re-screening)
-    supersedes   TEXT             -- result_id this one replaces (re-screened with more facts)
+    supersedes   TEXT,            -- result_id this one replaces (re-screened with more facts)
+    given_facts  TEXT             -- JSON of the facts a person typed for this result
 );
 CREATE INDEX IF NOT EXISTS results_created ON results (created_at);
 CREATE TABLE IF NOT EXISTS feedback (
@@ -100,10 +101,11 @@ class ResultStore:
         overlay_public: str | None,
         source: str | None = None,
         supersedes: str | None = None,
+        given_facts: dict | None = None,
     ) -> None:
         """Insert inside a :meth:`transaction` (so the outbox can join the same commit)."""
         db.execute(
-            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 payload["result_id"],
                 input_sha256,
@@ -114,8 +116,17 @@ class ResultStore:
                 overlay_public,
                 source,
                 supersedes,
+                None if given_facts is None else json.dumps(given_facts, sort_keys=True),
             ),
         )
+
+    def given_facts(self, result_id: str) -> dict:
+        """The facts typed for a result (and so carried into its next re-screen)."""
+        with self._lock:
+            row = self.db.execute(
+                "SELECT given_facts FROM results WHERE result_id = ?", (result_id,)
+            ).fetchone()
+        return {} if row is None or row[0] is None else dict(json.loads(row[0]))
 
     def source_of(self, result_id: str) -> tuple[str, str] | None:
         """(input_sha256, source file name) of a result."""

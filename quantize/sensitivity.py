@@ -2,9 +2,10 @@
 
 The unit is a backbone block (``/body.K/...``): keeping a whole block in FP32 keeps its
 Q/DQ boundaries together and its cost is easy to state. Each block is scored by quantizing
-*only that block* and measuring the damage on a selection set of calibration images
+*only that block* and measuring the damage on a selection set of held-out images
 (:func:`quantize.fidelity.error_score`). Blocks are then kept in FP32, worst first, until the
-gates hold on the selection set. The held-out images are used only for the final verdict.
+gates hold on the selection set. The verdict images (the rest of the held-out folder) are
+never seen by the search.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Search:
     scores: dict[str, float] = field(default_factory=dict)
     steps: list[dict] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    selection_n: int = 0
 
 
 def rank(
