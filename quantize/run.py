@@ -244,8 +244,7 @@ def markdown(r: dict) -> str:
         f"fidelity on {r['heldout']['n']} held-out images"
         + (" of the virtual cohort (synthetic)." if r["synthetic_data"] else "."),
         "",
-        f"Verdict: **{verdict}**."
-        f" Kept in FP32: {', '.join(r['kept_fp32']) or 'nothing'}.",
+        f"Verdict: **{verdict}**. Kept in FP32: {', '.join(r['kept_fp32']) or 'nothing'}.",
         "",
         "| measure (FP32 vs INT8) | value | gate |",
         "| --- | --- | --- |",

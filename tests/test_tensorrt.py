@@ -79,10 +79,7 @@ def _one_line_unavailable(exc: pytest.ExceptionInfo) -> str:
 
 
 def test_digest_is_stable_across_processes() -> None:
-    code = (
-        "from edge.engines import EngineKey;"
-        f"print(EngineKey(**{KEY.as_dict()!r}).digest)"
-    )
+    code = f"from edge.engines import EngineKey;print(EngineKey(**{KEY.as_dict()!r}).digest)"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
