@@ -3,4 +3,4 @@
 A screening aid, not a diagnosis: every result must be confirmed with DXA.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
