@@ -24,10 +24,7 @@ if TYPE_CHECKING:
 OWN_LOGGERS = ("osteofy", "cohort", "edge", "model", "quantize", "firmware_bridge", "dashboard")
 
 # Subcommands of DESIGN.md that later versions provide; they answer with a clear message.
-PLANNED = {
-    "bridge": "the digitizer bridge",
-    "bench": "pipeline benchmarks",
-}
+PLANNED: dict[str, str] = {}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -218,10 +215,55 @@ def _cmd_edge_serve(args: argparse.Namespace) -> int:
     return run_service(_config(args), once=args.once)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from bench.pipeline import run_bench
+    except ImportError:
+        raise Unavailable(
+            "bench: the benchmarks live in the source tree (bench/); run from a checkout"
+        ) from None
+    res = run_bench(
+        quick=args.quick,
+        out_json=Path(args.out) if args.out else None,
+        docs=None if args.no_docs else Path(args.docs),
+    )
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(
+            f"total p50 {res['total_ms_p50']:.1f} ms (uncompressed), "
+            f"{res['speedup_vs_baseline']:.1f}x the research-style baseline"
+            + ("" if args.no_docs else f"; wrote {args.docs}")
+        )
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from edge.doctor import run_doctor
 
     return run_doctor(_config(args), as_json=args.json)
+
+
+def _bridge_usage(args: argparse.Namespace) -> int:
+    raise UsageError("bridge: give a command (serve, simulate-digitizer)")
+
+
+def _cmd_bridge_serve(args: argparse.Namespace) -> int:
+    from firmware_bridge.service import quiet_libraries, serve
+
+    quiet_libraries(args.verbose)
+    return serve(_config(args))
+
+
+def _cmd_bridge_simulate(args: argparse.Namespace) -> int:
+    from firmware_bridge.simulator import build_parser as sim_parser
+    from firmware_bridge.simulator import run
+
+    try:
+        sim_args = sim_parser().parse_args(args.sim_args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return run(sim_args)
 
 
 def _dashboard_usage(args: argparse.Namespace) -> int:
@@ -401,6 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
     es.set_defaults(func=_cmd_edge_serve)
     edge.set_defaults(func=_edge_usage)
 
+    br = sub.add_parser("bridge", help="receive images from the digitizer into the inbox")
+    br_sub = br.add_subparsers(dest="bridge_command", metavar="COMMAND", parser_class=_Parser)
+    bs = br_sub.add_parser("serve", help="DICOM C-STORE receiver, hot folder, serial link")
+    bs.add_argument("--config", help="configuration file")
+    bs.set_defaults(func=_cmd_bridge_serve)
+    bsim = br_sub.add_parser(
+        "simulate-digitizer",
+        help="play a serial digitizer over a pseudo-terminal (see --help of the simulator)",
+        add_help=False,
+    )
+    bsim.set_defaults(func=_cmd_bridge_simulate)
+    br.set_defaults(func=_bridge_usage)
+
     dash = sub.add_parser("dashboard", help="the central dashboard (MQTT -> store -> web)")
     dash_sub = dash.add_subparsers(
         dest="dashboard_command", metavar="COMMAND", parser_class=_Parser
@@ -409,6 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--config", help="configuration file")
     ds.set_defaults(func=_cmd_dashboard_serve)
     dash.set_defaults(func=_dashboard_usage)
+
+    bn = sub.add_parser("bench", help="pipeline benchmark against a research-style baseline")
+    bn.add_argument("--quick", action="store_true", help="4 scans, one pass (< 60 s)")
+    bn.add_argument("--json", action="store_true", help="print the JSON result")
+    bn.add_argument("--out", help="also write the JSON result to this file")
+    bn.add_argument("--docs", default="docs/performance.md", help="markdown page to write")
+    bn.add_argument("--no-docs", action="store_true", dest="no_docs")
+    bn.set_defaults(func=_cmd_bench)
 
     doc = sub.add_parser("doctor", help="what this machine can screen with, and what is wrong")
     doc.add_argument("--config", help="configuration file")
@@ -429,9 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sim: list[str] | None = None
+    if argv[:2] == ["bridge", "simulate-digitizer"]:  # its own parser owns the rest
+        argv, sim = argv[:2], argv[2:]
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
+        if sim is not None:
+            args.sim_args = sim
         if extra and args.command not in PLANNED:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         # Third-party libraries log at WARNING; our own parts at INFO (DEBUG with -v).

@@ -51,16 +51,29 @@ class MqttConfig(_Strict):
 
 
 class DicomBridgeConfig(_Strict):
-    ae_title: str = "OSTEOFY"
+    enabled: bool = True
+    ae_title: str = Field("OSTEOFY", min_length=1, max_length=16)
+    host: str = "0.0.0.0"  # the digitizer is on the clinic LAN
     port: int = Field(11112, ge=0, le=65535)
-    allowed_calling_aets: list[str] = []
-    allowed_addresses: list[str] = []
+    allowed_calling_aets: list[str] = []  # empty: any
+    allowed_addresses: list[str] = []  # IPs or CIDR networks; empty: any
+    max_associations: int = Field(4, ge=1)
+    max_pending: int = Field(8, ge=1)
+    acse_timeout_s: float = Field(10.0, gt=0)
+    dimse_timeout_s: float = Field(30.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    preempt_idle_s: float = Field(10.0, gt=0)
+    max_pdu_bytes: int = Field(262_144, ge=4096)
 
 
 class BridgeConfig(_Strict):
     dicom: DicomBridgeConfig = DicomBridgeConfig()
     hot_folder: Path | None = None
+    hot_folder_poll_s: float = Field(1.0, gt=0)
+    hot_folder_quiet_s: float = Field(2.0, gt=0)
     serial: str | None = None
+    serial_baudrate: int = Field(921_600, gt=0)
+    reserve_mb: int = Field(64, ge=0)  # disk kept free: a study that would eat it is refused
 
 
 class ScreenConfig(_Strict):

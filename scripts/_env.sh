@@ -12,7 +12,7 @@
 OSTEOFY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OSTEOFY_VENV="$OSTEOFY_ROOT/.venv"
 OSTEOFY_STAMP="$OSTEOFY_VENV/.osteofy-stamp"
-OSTEOFY_EXTRAS="dev,train,dashboard"
+OSTEOFY_EXTRAS="dev,train,dashboard,bridge"
 # Debian packages some tests drive (they skip with a stated reason when absent).
 OSTEOFY_APT_PACKAGES="dcmtk dicom3tools mosquitto chromium openssl"
 
