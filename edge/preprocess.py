@@ -161,10 +161,16 @@ def _voi(px: NDArray, raw: RawImage) -> NDArray:
     """Values in [0, 1] after the VOI transform (before any MONOCHROME1 inversion)."""
     if raw.voi_lut is not None:
         first, data = raw.voi_lut
-        idx = np.clip(px - first, 0, data.size - 1)
-        out = np.interp(idx.ravel(), np.arange(data.size, dtype=F32), data).reshape(px.shape)
+        # Linear interpolation on the LUT's integer grid, written out: np.interp would
+        # binary-search a 65536-entry table for every pixel (45 ms for a 768 px image).
+        idx = np.clip(px - F32(first), 0, data.size - 1).astype(F32, copy=False)
+        i0 = np.minimum(idx.astype(np.int32), data.size - 1)
+        frac = idx - i0
+        lut = data.astype(F32, copy=False)
+        nxt = np.append(lut[1:], lut[-1])
+        out = lut[i0] + (nxt[i0] - lut[i0]) * frac
         top = float(data.max()) if data.max() > 0 else 1.0
-        return (out / top).astype(F32)
+        return (out * F32(1.0 / top)).astype(F32, copy=False)
     if raw.window is not None:
         c, w = raw.window
         # DICOM PS3.3 C.11.2.1.2 linear window.

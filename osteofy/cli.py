@@ -280,7 +280,7 @@ def _cmd_dashboard_serve(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from osteofy.demo import run_demo
 
-    return run_demo(Path(args.out), scans=args.scans, quiet=args.quiet)
+    return run_demo(Path(args.out), scans=args.scans, quiet=args.quiet, headless=args.headless)
 
 
 def _planned(name: str) -> Callable[[argparse.Namespace], int]:
@@ -480,8 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole chain on this machine")
     demo.add_argument("--out", default="var/demo", help="working folder (default var/demo)")
-    demo.add_argument("--scans", type=_positive_int, default=4, help="scans per site")
-    demo.add_argument("--headless", action="store_true", help="no screen needed (the default now)")
+    demo.add_argument("--scans", type=_positive_int, default=4, help="scans (hand and hip)")
+    demo.add_argument(
+        "--headless",
+        action="store_true",
+        help="run the scans, check each reached the dashboard, exit (0 only if all did)",
+    )
     demo.add_argument("-q", "--quiet", action="store_true")
     demo.set_defaults(func=_cmd_demo)
 

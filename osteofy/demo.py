@@ -1,89 +1,296 @@
-"""``osteofy demo``: what this version can show end to end on one machine.
+"""``osteofy demo``: the whole chain on one machine, on embedded defaults.
 
-It renders a few synthetic hand and hip radiographs as DICOM, screens each with the shipped
-reference model of its site (ONNX Runtime, the device's default backend), writes a contact
-sheet, and prints a summary. The edge service, MQTT and the dashboard are not part of this
-version; the demo says so rather than pretend.
+    simulated digitizer --C-STORE--> bridge --inbox--> edge serve --outbox/MQTT--> dashboard
+                                                            \\--> local screen
+
+A private Mosquitto is started on a free localhost port when it is installed (else the demo runs
+offline and says so: results stay queued on the device); the bridge, the edge runtime with its
+local screen and the dashboard run in this process on free localhost ports. A few virtual-cohort
+scans (hand and hip, synthetic) are rendered and sent through the DICOM C-STORE receiver as a
+digitizer would; the demo waits for each result on the dashboard and prints a summary.
+
+``--headless``: exit 0 only if every scan reached the dashboard. Otherwise the chain keeps
+running, with its URLs printed, until Ctrl-C stops everything cleanly.
 """
 
 from __future__ import annotations
 
-import csv
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
-import numpy as np
+from osteofy.config import Config
+from osteofy.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 SITES = ("hand", "hip")
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+WAIT_S = 120.0
 
 
-def _screen(site: str, folder: Path, rows: list[dict]) -> dict[str, dict]:
-    """P(osteoporosis), estimated T-score and latency per file, with the site's reference model."""
-    from edge.backends.onnxruntime import OnnxRuntimeBackend
-    from edge.clinical import clinical_vector
-    from edge.package import load_package
-    from edge.preprocess import normalise, preprocess_to_uint8
-    from model.data import facts_from_row, read_raw
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
-    pkg = load_package(MODELS_DIR / f"{site}-v1")
-    backend = OnnxRuntimeBackend(pkg.model_file("fp32"))
-    out = {}
-    for r in rows:
-        t0 = time.perf_counter()
-        square, _ = preprocess_to_uint8(read_raw(folder / r["file"]), pkg.preprocess)
-        res = backend.run(
-            normalise(square, pkg.preprocess)[None],
-            clinical_vector(facts_from_row(r), pkg.clinical)[None],
+
+class _Mosquitto:
+    """A private broker for the demo (persistence off; stopped with the demo)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = shutil.which("mosquitto") or (
+            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
         )
-        probs = res["probs"][0]
-        out[r["file"]] = {
-            "class": pkg.classes[int(np.argmax(probs))],
-            "p_osteoporosis": float(probs[2]),
-            "tscore": float(res["tscore"][0, 0]),
-            "ms": (time.perf_counter() - t0) * 1000.0,
-        }
-    return out
+        self.port = _free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
 
+    def start(self) -> bool:
+        if self.binary is None:
+            return False
+        import os
 
-def run_demo(out: Path, scans: int = 4, quiet: bool = False, seed: int = 2026) -> int:
-    from cohort.generate import SimulateOptions, simulate
-    from cohort.sheet import series, write_sheet
-
-    out.mkdir(parents=True, exist_ok=True)
-    print("Osteofy Edge demo - synthetic data only (virtual cohort); not for clinical use.")
-    rows: list[dict] = []
-    screened: dict[str, dict] = {}
-    for site in SITES:
-        t0 = time.perf_counter()
-        manifest = simulate(
-            out / site,
-            site,
-            scans,
-            seed,
-            options=SimulateOptions(max_side=1024, workers=2),
-            progress=not quiet,
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            + ("user root\n" if os.geteuid() == 0 else "")
         )
-        elapsed = time.perf_counter() - t0
-        with manifest.open(newline="") as fh:
-            site_rows = list(csv.DictReader(fh))
-        rows.extend(site_rows)
-        screened.update(_screen(site, out / site, site_rows))
-        print(f"  {site}: {len(site_rows)} DICOM files in {out / site} ({elapsed:.1f} s)")
-    sheet = write_sheet(out / "contact_sheet.png", [series(s, 0, seed, tile=300) for s in SITES])
-    print()
-    print("truth (from the simulator) | model (reference package, trained on synthetic data)")
-    print(
-        f"{'file':<22} {'class':<12} {'T':>5} | {'class':<12} {'P(op)':>5} {'T est':>5} {'ms':>5}"
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return True
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
+def _config(out: Path, broker_url: str) -> Config:
+    return Config(
+        site_id="demo-clinic",
+        device_id="demo-edge",
+        data_dir=out / "device",
+        models_dir=MODELS_DIR,
+        mqtt={"url": broker_url, "heartbeat_s": 2.0},
+        bridge={"dicom": {"host": "127.0.0.1", "port": _free_port(), "ae_title": "OSTEOFY"}},
+        screen={"host": "127.0.0.1", "port": _free_port()},
+        dashboard={
+            "host": "127.0.0.1",
+            "port": _free_port(),
+            "db_url": f"sqlite:///{out / 'dashboard.sqlite'}",
+        },
     )
-    for r in rows:
-        m = screened[r["file"]]
+
+
+def _render(out: Path, scans: int, seed: int, quiet: bool) -> list[Path]:
+    from cohort.generate import SimulateOptions, simulate
+
+    files: list[Path] = []
+    per_site = {s: (scans + (i == 0)) // 2 for i, s in enumerate(SITES)}
+    for site, n in per_site.items():
+        if n == 0:
+            continue
+        opts = SimulateOptions(max_side=1024, workers=2, counterfactual=False)
+        simulate(out / "scans" / site, site, n, seed, options=opts, progress=not quiet)
+        files += sorted((out / "scans" / site).glob("*.dcm"))
+    return files
+
+
+def _truth(files: list[Path], secret: bytes) -> dict[str, dict]:
+    """study_key -> the simulator's truth for that scan (manifest class and T-score)."""
+    import csv
+
+    from pydicom import dcmread
+
+    from edge.result import pseudonym
+
+    truth: dict[str, dict] = {}
+    for folder in {f.parent for f in files}:
+        with (folder / "manifest.csv").open(newline="") as fh:
+            rows = {r["file"]: r for r in csv.DictReader(fh)}
+        for f in files:
+            if f.parent == folder:
+                uid = str(dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+                key = pseudonym(secret, uid)
+                if key is not None:
+                    truth[key] = rows[f.name]
+    return truth
+
+
+def _send(files: list[Path], cfg: Config) -> dict[str, float]:
+    """The simulated digitizer: one association, one C-STORE per scan, as a real CR reader."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    ae = AE(ae_title="DIGITIZER")
+    contexts = {}
+    sent: dict[str, float] = {}
+    datasets = [dcmread(f) for f in files]
+    for ds in datasets:
+        key = (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        if key not in contexts:
+            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+            contexts[key] = True
+    d = cfg.bridge.dicom
+    assoc = ae.associate("127.0.0.1", d.port, ae_title=d.ae_title)
+    if not assoc.is_established:
+        raise Unavailable("demo: the bridge refused the simulated digitizer's association")
+    try:
+        for f, ds in zip(files, datasets, strict=True):
+            status = assoc.send_c_store(ds)
+            ok = status is not None and getattr(status, "Status", None) == 0x0000
+            if ok:
+                sent[f.name] = time.monotonic()
+            else:
+                print(f"  {f.name}: the bridge did not store it ({status})")
+    finally:
+        assoc.release()
+    return sent
+
+
+def _dashboard_results(cfg: Config) -> list[dict]:
+    url = f"http://127.0.0.1:{cfg.dashboard.port}/api/results?limit=500"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return list(json.loads(resp.read()))
+    except OSError:
+        return []
+
+
+def run_demo(
+    out: Path, scans: int = 4, quiet: bool = False, seed: int = 2026, headless: bool = False
+) -> int:
+    from dashboard.service import Dashboard
+    from edge.screen_web import attach
+    from edge.serve import EdgeService, start_publisher
+    from firmware_bridge.options import BridgeOptions
+    from firmware_bridge.service import Bridge, quiet_libraries
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out / "device", ignore_errors=True)
+        (out / "dashboard.sqlite").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    quiet_libraries()
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # the table says what matters
+        for name in ("edge", "dashboard", "firmware_bridge"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    print("Osteofy Edge demo - synthetic data only (virtual cohort); not for clinical use.")
+    broker = _Mosquitto(Path(tempfile.mkdtemp(prefix="osteofy-demo-")))
+    online = broker.start()
+    cfg = _config(out, f"mqtt://127.0.0.1:{broker.port}" if online else "")
+    print(
+        f"  MQTT broker: private Mosquitto on 127.0.0.1:{broker.port}"
+        if online
+        else "  MQTT: Mosquitto is not installed - OFFLINE mode: results stay queued on the "
+        "device and the dashboard stays empty (apt install mosquitto)"
+    )
+    files = _render(out, scans, seed, quiet)
+    stop = threading.Event()
+    dashboard = Dashboard(cfg)
+    service = EdgeService(cfg)
+    publisher = start_publisher(service)
+    stop_screen = attach(service, publisher, cfg)
+    bridge = Bridge(BridgeOptions.from_config(cfg))
+    edge_thread = threading.Thread(target=service.serve, name="edge-serve", daemon=True)
+    try:
+        dashboard.start()
+        edge_thread.start()
+        bridge.start()
+        print(f"  local screen:  http://127.0.0.1:{cfg.screen.port}/")
+        print(f"  dashboard:     http://127.0.0.1:{cfg.dashboard.port}/")
         print(
-            f"{r['file']:<22} {r['class']:<12} {float(r['tscore']):5.1f} | {m['class']:<12} "
-            f"{m['p_osteoporosis']:5.2f} {m['tscore']:5.1f} {m['ms']:5.0f}"
+            f"  bridge:        DICOM C-STORE {cfg.bridge.dicom.ae_title}@127.0.0.1:"
+            f"{cfg.bridge.dicom.port}"
         )
+        print(f"sending {len(files)} scans from a simulated digitizer (C-STORE) ...")
+        sent = _send(files, cfg)
+        truth = _truth(files, service.screener.secret)
+        ok = _report(files, sent, service, cfg, online, truth)
+        if headless:
+            return 0 if ok else 1
+        print("running; open the URLs above. Ctrl-C stops everything.")
+        while not stop.wait(1.0):
+            pass
+        return 0
+    except KeyboardInterrupt:
+        print("stopping ...")
+        return 0
+    finally:
+        bridge.stop()
+        service.stopping.set()
+        edge_thread.join(10)
+        stop_screen()
+        if publisher is not None:
+            publisher.stop(timeout=3)
+        service.close()
+        dashboard.close()
+        broker.stop()
+
+
+def _report(  # noqa: ANN001
+    files: list[Path], sent: dict[str, float], service, cfg: Config, online: bool, truth: dict
+) -> bool:
+    """Wait for each scan's result (device, then dashboard) and print the summary table."""
+    deadline = time.monotonic() + WAIT_S
+    want = len(sent)
+    while time.monotonic() < deadline:
+        local = service.store.results(limit=500)
+        remote = _dashboard_results(cfg) if online else []
+        rejected = len(service.store.rejections(limit=500))
+        if len(local) + rejected >= want and (not online or len(remote) >= len(local)):
+            break
+        time.sleep(0.5)
+    local = sorted(service.store.results(limit=500), key=lambda r: r["created_at"])
+    remote_ids = {r["result_id"] for r in _dashboard_results(cfg)} if online else set()
     print()
-    print(f"contact sheet (same patient at site T = 0, -1.5, -3): {sheet}")
-    print("screening aid, not a diagnosis: confirm with DXA.")
-    print("edge service, MQTT and dashboard: not in this version yet.")
-    return 0
+    print("truth: the simulator's latent class and T-score | model: the reference package")
+    print(
+        f"{'#':>2} {'site':<5} {'truth':<13} {'T':>5} | {'model':<13} {'P(op)':>5} "
+        f"{'T est':>6} {'refer':<5} {'device ms':>9}  dashboard"
+    )
+    for i, r in enumerate(local, 1):
+        p = r["prediction"]
+        t = truth.get(r.get("study_key") or "", {})
+        print(
+            f"{i:>2} {r['body_part']:<5} {t.get('class', '?'):<13} "
+            f"{float(t.get('tscore', 'nan')):5.1f} | {p['class']:<13} "
+            f"{p['probs']['osteoporosis']:5.2f} {p['tscore']:6.1f} "
+            f"{'yes' if p['refer'] else 'no':<5} {r['timings_ms']['total']:9.0f}  "
+            + (
+                "arrived"
+                if r["result_id"] in remote_ids
+                else ("QUEUED (offline)" if not online else "MISSING")
+            )
+        )
+    for rej in service.store.rejections(limit=500):
+        print(f"   rejected: {rej['reason']}")
+    print()
+    print("screening aid, not a diagnosis: confirm with DXA. All scans are synthetic.")
+    reached = sum(1 for r in local if r["result_id"] in remote_ids)
+    print(
+        f"{len(sent)}/{len(files)} scans stored by the bridge, {len(local)} screened, "
+        f"{reached} on the dashboard."
+    )
+    return online and len(sent) == len(files) and reached == len(files) == len(local)

@@ -1,23 +1,43 @@
-"""The README's main command, as far as this version goes."""
+"""The README's main command: the whole chain, headless, as a new user would run it."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from osteofy.cli import main
 
+HAVE_BROKER = bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
 
-def test_demo_renders_both_sites_and_says_what_is_not_there(
+
+@pytest.mark.skipif(not HAVE_BROKER, reason="mosquitto is not installed (apt install mosquitto)")
+def test_headless_demo_sends_scans_through_the_chain_to_the_dashboard(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["demo", "--out", str(tmp_path), "--scans", "1", "-q"]) == 0
+    pytest.importorskip("pynetdicom", reason="the bridge extra is not installed")
+    rc = main(["demo", "--headless", "--scans", "3", "--out", str(tmp_path), "-q"])
     out = capsys.readouterr().out
+    assert rc == 0, out
     assert "synthetic data only" in out
-    assert (tmp_path / "hand" / "manifest.csv").is_file()
-    assert (tmp_path / "hip" / "manifest.csv").is_file()
-    assert (tmp_path / "contact_sheet.png").stat().st_size > 10_000
-    assert out.count(".dcm") == 2
-    assert "not in this version yet" in out
-    assert "trained on synthetic data" in out and "P(op)" in out  # screened by the model
+    assert "3/3 scans stored by the bridge, 3 screened, 3 on the dashboard." in out
+    assert out.count("arrived") == 3
+    assert "local screen:  http://127.0.0.1:" in out and "dashboard:     http://127.0.0.1:" in out
+    assert "confirm with DXA" in out
+    # Both sites went through (2 hands and 1 hip for 3 scans).
+    table = [line for line in out.splitlines() if line.strip().endswith("arrived")]
+    assert {line.split()[1] for line in table} == {"hand", "hip"}
+
+
+def test_headless_demo_without_a_broker_says_offline_and_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("pynetdicom", reason="the bridge extra is not installed")
+    import osteofy.demo as demo
+
+    monkeypatch.setattr(demo._Mosquitto, "start", lambda self: False)
+    rc = main(["demo", "--headless", "--scans", "1", "--out", str(tmp_path), "-q"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "OFFLINE mode" in out and "QUEUED (offline)" in out
