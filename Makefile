@@ -1,7 +1,7 @@
 .PHONY: test demo lint bench
 
 PY := .venv/bin/python
-MYPY_PACKAGES := $(wildcard osteofy cohort edge)
+MYPY_PACKAGES := $(wildcard osteofy cohort edge quantize firmware_bridge dashboard)
 
 test:
 	scripts/test
@@ -15,3 +15,4 @@ lint:
 
 bench:
 	$(PY) -m bench.cohort_render
+	$(PY) -m osteofy.cli bench

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -208,6 +209,8 @@ def run_demo(
     )
     files = _render(out, scans, seed, quiet)
     stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())  # like Ctrl-C
     dashboard = Dashboard(cfg)
     service = EdgeService(cfg)
     publisher = start_publisher(service)
