@@ -41,3 +41,34 @@ def test_headless_demo_without_a_broker_says_offline_and_fails(
     out = capsys.readouterr().out
     assert rc == 1
     assert "OFFLINE mode" in out and "QUEUED (offline)" in out
+
+
+@pytest.mark.skipif(not HAVE_BROKER, reason="mosquitto is not installed (apt install mosquitto)")
+def test_the_readme_main_command_runs_headless_as_a_new_user_would(tmp_path: Path) -> None:
+    """`scripts/demo` is what `make demo` runs: set-up (already done here), then the chain."""
+    import subprocess
+
+    pytest.importorskip("pynetdicom", reason="the bridge extra is not installed")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [
+            "bash",
+            str(root / "scripts" / "demo"),
+            "--headless",
+            "--scans",
+            "2",
+            "--out",
+            str(tmp_path),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "HOME": str(tmp_path),
+            "OSTEOFY_SKIP_APT": "1",
+        },
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2/2 scans stored by the bridge, 2 screened, 2 on the dashboard." in proc.stdout
