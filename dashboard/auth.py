@@ -7,9 +7,17 @@
   can make them; ``python -m dashboard.auth NAME`` prints one. Sessions live in memory
   (a restart logs everyone out; instances behind one load balancer need sticky sessions).
 
-When neither is configured the dashboard is *open to loopback clients only* — the laptop
-default. Note that a reverse proxy on the same host makes every client look like loopback:
-configure the token and users file before putting one in front.
+The rule when something is not configured:
+
+- no token file: ``/api/*`` answers loopback clients without a token (scripts on the same
+  machine, the demo) and nobody else — a page session still works from anywhere;
+- no users file: the pages refuse everyone, with a page saying how to make an account
+  (``python -m dashboard.auth NAME >> users``) — staff log in, there is no anonymous access;
+  unless the operator explicitly asks for ``open_pages`` (the one-machine demo): then
+  loopback clients see the pages without a login, under a banner saying so.
+
+A reverse proxy on the same host makes every client look like loopback: configure the token
+and users file before putting one in front, and never ``open_pages``.
 """
 
 from __future__ import annotations
@@ -124,9 +132,12 @@ class Session:
 class Access:
     """The decisions; the web handler asks, this answers. Thread-safe."""
 
-    def __init__(self, token: str | None, users: dict[str, _Hash] | None) -> None:
+    def __init__(
+        self, token: str | None, users: dict[str, _Hash] | None, open_pages: bool = False
+    ) -> None:
         self.token = token
         self.users = users
+        self.open_pages = open_pages
         self._sessions: dict[str, Session] = {}
         self._failures: dict[str, list[float]] = {}
         self._lock = threading.Lock()
@@ -136,7 +147,13 @@ class Access:
 
     @property
     def pages_open(self) -> bool:
-        return self.users is None
+        """No login for loopback clients: only without users, and only when asked for."""
+        return self.users is None and self.open_pages
+
+    @property
+    def no_accounts(self) -> bool:
+        """Nobody can log in and the pages are not open: every page says how to fix it."""
+        return self.users is None and not self.open_pages
 
     def bearer_ok(self, header: str | None) -> bool:
         if self.token is None or not header:
@@ -203,7 +220,7 @@ if __name__ == "__main__":
     import getpass
 
     if len(sys.argv) != 2 or ":" in sys.argv[1]:
-        sys.exit("usage: python -m dashboard.auth NAME   (prints a users-file line)")
+        sys.exit("usage: python -m dashboard.auth NAME >> users   (prints a users-file line)")
     pw = getpass.getpass(f"password for {sys.argv[1]}: ")
     if len(pw) < 8 or pw != getpass.getpass("again: "):
         sys.exit("passwords differ or are shorter than 8 characters")

@@ -1,10 +1,11 @@
-"""HTML pages, rendered on the server with every value escaped.
+"""HTML pages, rendered on the server with every value escaped: layout, devices, results feed.
 
 No external assets (clinics and the central office may be offline) and nothing inline that a
 strict CSP would have to allow: style and script come from ``/static/…`` and the charts are
 SVG shapes (attributes, not ``style=``). Patients appear only as the first characters of their
 HMAC key — enough to notice two results of one patient, useless to find out who it is.
 The tables have the columns ``dashboard/static.py`` rebuilds when it refreshes them.
+The result page is :mod:`dashboard.pages_result`, acceptance :mod:`dashboard.pages_acceptance`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from datetime import datetime
 from html import escape
 from urllib.parse import quote, urlencode
 
-from dashboard.store import StoredResult
+from dashboard.query import ResultFilter
+from edge.result import CLASSES
 
 STALE_S = 120  # a heartbeat older than this is shown as stale (default period: 30 s)
-KEY_PREFIX = 8  # characters of patient_key shown
-FLAG_WORDS = {
-    "ood_borderline": "image near the edge of what the model knows",
-    "low_confidence": "low confidence",
-    "missing_clinical_facts": "clinical facts missing",
-}
+NAV = (
+    ("devices", "/", "Clinics and devices"),
+    ("results", "/results", "Results"),
+    ("acceptance", "/acceptance", "Clinical acceptance"),
+)
 
 
 def e(value: object) -> str:
@@ -68,7 +69,7 @@ def who_band(tscore: float) -> str:
     return "osteopenia" if tscore < -1.0 else "normal"
 
 
-def _td(value: object, cls: str = "") -> str:
+def td(value: object, cls: str = "") -> str:
     return f'<td class="{e(cls)}">{e(value)}</td>' if cls else f"<td>{e(value)}</td>"
 
 
@@ -81,10 +82,9 @@ def layout(
     csrf: str | None = None,
     open_banner: bool = False,
 ) -> str:
-    links = (("devices", "/", "Clinics and devices"), ("results", "/results", "Results"))
     nav = "".join(
         f'<a href="{href}" class="{"active" if key == active else ""}">{label}</a>'
-        for key, href, label in links
+        for key, href, label in NAV
     )
     logout = ""
     if user is not None and csrf is not None:
@@ -94,8 +94,9 @@ def layout(
             '<button type="submit">Log out</button></form>'
         )
     banner = (
-        '<div class="banner">No users file is configured: these pages are open to anyone on '
-        "this machine (loopback only). Configure users before exposing the dashboard.</div>"
+        '<div class="banner">Open mode (open_pages, no users file): these pages are open to '
+        "anyone on this machine (loopback only), without a login. Give staff accounts before "
+        "anyone else uses the dashboard.</div>"
         if open_banner
         else ""
     )
@@ -138,22 +139,22 @@ def device_rows(devices: list[dict], now: float) -> str:
             hb_age = since(d["heartbeat_at"], now)
             out.append(
                 "<tr>"
-                + _td(d["device_id"])
-                + _td(d["state"], d["state"])
-                + _td(when(d["state_at"]))
-                + _td(
+                + td(d["device_id"])
+                + td(d["state"], d["state"])
+                + td(when(d["state_at"]))
+                + td(
                     None if hb_age is None else f"{age(hb_age)} ago",
                     "stale" if hb_age is not None and hb_age > STALE_S else "",
                 )
-                + _td(
+                + td(
                     f"{hb['outbox_depth']} / {hb['outbox_limit']}" if hb else None,
                     "num alarm" if hb and hb["outbox_alarm"] else "num",
                 )
-                + _td(age(hb["oldest_queued_age_s"]) if hb else None, "num")
-                + _td(mb(hb["disk_free_mb"]) if hb else None, "num")
-                + _td(_models(d["models"]))
-                + _td(d["software"])
-                + _td("; ".join(d["problems"]), "alarm" if d["problems"] else "")
+                + td(age(hb["oldest_queued_age_s"]) if hb else None, "num")
+                + td(mb(hb["disk_free_mb"]) if hb else None, "num")
+                + td(_models(d["models"]))
+                + td(d["software"])
+                + td("; ".join(d["problems"]), "alarm" if d["problems"] else "")
                 + "</tr>"
             )
     return "".join(out)
@@ -167,7 +168,7 @@ def devices_page(devices: list[dict]) -> str:
         "<th>Outbox</th><th>Oldest queued</th><th>Disk free</th><th>Models</th>"
         '<th>Software</th><th>Problems</th></tr></thead><tbody data-devices="/api/devices">'
         f"{rows}</tbody></table>"
-        + ("" if devices else '<p class="muted">No device has reported yet.</p>')
+        + ("" if devices else '<p class="muted" data-empty>No device has reported yet.</p>')
     )
 
 
@@ -181,156 +182,65 @@ def result_rows(results: list[dict]) -> str:
         refer = "refer" if p["refer"] else ""
         out.append(
             "<tr>"
-            + _td(when(r["created_at"]))
-            + _td(r["site_id"])
-            + _td(r["device_id"])
-            + _td(r["body_part"])
-            + _td(p["class"], refer)
-            + _td(f"{100 * p['probs']['osteoporosis']:.0f} %", "num")
-            + _td(f"{p['tscore']:.1f}", "num")
-            + _td(refer, refer)
-            + _td(", ".join(r["quality"]["flags"]))
+            + td(when(r["created_at"]))
+            + td(r["site_id"])
+            + td(r["device_id"])
+            + td(r["body_part"])
+            + td(p["class"], refer)
+            + td(f"{100 * p['probs']['osteoporosis']:.0f} %", "num")
+            + td(f"{p['tscore']:.1f}", "num")
+            + td(refer, refer)
+            + td(", ".join(r["quality"]["flags"]))
             + f'<td><a href="/results/{quote(r["result_id"])}">details</a></td></tr>'
         )
     return "".join(out)
 
 
-def results_page(results: list[dict], site: str | None, limit: int) -> str:
-    query = {"limit": str(limit), **({"site": site} if site else {})}
-    api = "/api/results?" + urlencode(query)
-    heading = f"Results \u2014 clinic {e(site)}" if site else "Results"
+def _options(values: Iterable[str], chosen: str | None, any_label: str) -> str:
+    opts = [f'<option value="">{e(any_label)}</option>']
+    opts += [
+        f'<option value="{e(v)}"{" selected" if v == chosen else ""}>{e(v)}</option>'
+        for v in values
+    ]
+    return "".join(opts)
+
+
+def filter_form(filt: ResultFilter, sites: list[str]) -> str:
+    """The feed's filters as a GET form: the URL then names the view (shareable, reloadable)."""
+    site_choices = sorted(set(sites) | ({filt.site} if filt.site else set()))
+    day = lambda d: d.isoformat() if d else ""  # noqa: E731
+    csv_url = "/api/results.csv?" + urlencode(filt.params(with_limit=False))
     return (
-        f'<h1>{heading}</h1><p class="live" data-live-note>newest first; refreshes every 5 s</p>'
+        '<form class="filters" method="get" action="/results">'
+        f'<label>Clinic <select name="site">{_options(site_choices, filt.site, "all")}</select>'
+        "</label>"
+        f'<label>Result <select name="class">{_options(CLASSES, filt.cls, "any")}</select>'
+        "</label>"
+        f'<label>From <input type="date" name="from" value="{e(day(filt.date_from))}"></label>'
+        f'<label>To <input type="date" name="to" value="{e(day(filt.date_to))}"></label>'
+        f'<label>Rows <input type="number" name="limit" min="1" max="500" '
+        f'value="{filt.limit}"></label>'
+        '<button type="submit">Filter</button>'
+        + ('<a href="/results">clear</a>' if filt.active else "")
+        + f'<a class="csv" href="{e(csv_url)}" download>Download CSV (all matching)</a></form>'
+    )
+
+
+def results_page(results: list[dict], filt: ResultFilter, sites: list[str]) -> str:
+    api = "/api/results?" + urlencode(filt.params())
+    parts = [f"clinic {e(filt.site)}" if filt.site else "", e(filt.cls) if filt.cls else ""]
+    if filt.date_from or filt.date_to:
+        start = e(filt.date_from) if filt.date_from else "the start"
+        parts.append(f"{start} to {e(filt.date_to) if filt.date_to else 'now'}")
+    heading = "Results" + "".join(f" \u2014 {x}" for x in parts if x)
+    return (
+        f"<h1>{heading}</h1>{filter_form(filt, sites)}"
+        '<p class="live" data-live-note>newest first; refreshes every 5 s</p>'
         "<table><thead><tr><th>Screened</th><th>Clinic</th><th>Device</th><th>Body part</th>"
         "<th>Screening result</th><th>P(osteoporosis)</th><th>Est. T-score</th><th>Referral</th>"
         f'<th>Quality flags</th><th></th></tr></thead><tbody data-feed="{e(api)}">'
         f"{result_rows(results)}</tbody></table>"
-        + ("" if results else '<p class="muted">No result yet.</p>')
-    )
-
-
-# --- one result ----------------------------------------------------------------------------
-
-
-def _tscore_scale(tscore: float) -> str:
-    """The estimate on the WHO bands, as SVG (-5 .. +2)."""
-    lo, hi, x0, width = -5.0, 2.0, 10.0, 400.0
-
-    def x(t: float) -> float:
-        return round(x0 + (min(max(t, lo), hi) - lo) / (hi - lo) * width, 1)
-
-    bands = (("osteoporosis", lo, -2.5), ("osteopenia", -2.5, -1.0), ("normal", -1.0, hi))
-    rects = "".join(
-        f'<rect class="band-{n}" x="{x(a)}" y="8" width="{x(b) - x(a)}" height="18"/>'
-        f'<text x="{(x(a) + x(b)) / 2}" y="40" text-anchor="middle">{n}</text>'
-        for n, a, b in bands
-    )
-    ticks = "".join(
-        f'<line class="axis" x1="{x(t)}" y1="26" x2="{x(t)}" y2="30"/>'
-        f'<text x="{x(t)}" y="54" text-anchor="middle">{t:g}</text>'
-        for t in (-4.0, -2.5, -1.0, 0.0, 1.0, 2.0)
-    )
-    marker = f'<line class="marker" x1="{x(tscore)}" y1="2" x2="{x(tscore)}" y2="32"/>'
-    return (
-        '<svg width="420" height="60" viewBox="0 0 420 60" role="img" '
-        f'aria-label="estimated T-score {tscore:.1f} on the WHO bands">{rects}{ticks}{marker}</svg>'
-    )
-
-
-def _contributions(rows: list[dict]) -> str:
-    if not rows:
-        return '<p class="muted">This model uses no clinical facts.</p>'
-    scale = max(abs(r["log_odds"]) for r in rows) or 1.0
-    out = []
-    for r in sorted(rows, key=lambda r: -abs(r["log_odds"])):
-        w = round(abs(r["log_odds"]) / scale * 100, 1)
-        x = 100 if r["log_odds"] >= 0 else 100 - w
-        cls = "pos" if r["log_odds"] >= 0 else "neg"
-        bar = (
-            f'<svg width="200" height="12" viewBox="0 0 200 12" aria-hidden="true">'
-            f'<line class="axis" x1="100" y1="0" x2="100" y2="12"/>'
-            f'<rect class="{cls}" x="{x}" y="2" width="{w}" height="8"/></svg>'
-        )
-        out.append(
-            "<tr>"
-            + _td(r["factor"])
-            + _td("known" if r["known"] else "missing", "" if r["known"] else "muted")
-            + _td(f"{r['log_odds']:+.2f}", "num")
-            + f"<td>{bar}</td></tr>"
-        )
-    return (
-        "<table><thead><tr><th>Clinical fact</th><th></th><th>Log-odds</th>"
-        "<th>towards normal | towards osteoporosis</th></tr></thead><tbody>"
-        + "".join(out)
-        + "</tbody></table>"
-    )
-
-
-def _feedback(items: list[dict]) -> str:
-    if not items:
-        return '<p class="muted">No clinician feedback yet.</p>'
-    out = []
-    for f in items:
-        agree = {True: "agrees", False: "disagrees", None: "gave no opinion"}[f.get("agree")]
-        dxa = f.get("dxa_tscore")
-        dxa_text = f"; DXA T-score {dxa:.1f} ({who_band(dxa)})" if dxa is not None else ""
-        out.append(f"<li>{e(when(f['at']))}: clinician {e(agree)}{e(dxa_text)}</li>")
-    return "<ul>" + "".join(out) + "</ul>"
-
-
-def result_page(item: StoredResult) -> str:
-    r = item.payload
-    p, m, q = r["prediction"], r["model"], r["quality"]
-    rid = r["result_id"]
-    key = r.get("patient_key")
-    probs = "".join(
-        f'<dt>{e(c)}</dt><dd><meter min="0" max="1" value="{p["probs"][c]:.4f}"></meter> '
-        f"{100 * p['probs'][c]:.1f} %</dd>"
-        for c in ("normal", "osteopenia", "osteoporosis")
-    )
-    flags = [FLAG_WORDS.get(f, f) for f in q["flags"]]
-    if q["missing_facts"]:
-        flags.append("missing: " + ", ".join(q["missing_facts"]))
-    peaks = ", ".join(
-        f"({100 * k['x']:.0f} %, {100 * k['y']:.0f} %)" for k in r["explanation"]["peaks"]
-    )
-    overlay = (
-        f'<img src="/api/overlay/{quote(rid)}" alt="heat map of the '
-        f'{e(r["explanation"]["heatmap_class"])} class over the radiograph">'
-        if item.has_overlay
-        else '<p class="muted">No overlay image received.</p>'
-    )
-    band = who_band(p["tscore"])
-    refer_text = " \u2014 refer for DXA" if p["refer"] else ""
-    key_text = key[:KEY_PREFIX] + "\u2026" if key else None
-    return (
-        f"<h1>Result {e(rid[:8])} \u2014 {e(r['body_part'])}, clinic {e(r['site_id'])}</h1>"
-        '<div class="aid">Screening aid \u2014 not a diagnosis. Confirm with DXA.</div>'
-        f'<div class="grid"><div class="overlay">{overlay}'
-        f'<p class="muted">Heat map peaks (x, y of the image): {e(peaks or None)}</p></div><div>'
-        f'<h2>Screening result: <span class="{"refer" if p["refer"] else ""}">'
-        f"{e(p['class'])}</span>{refer_text}</h2>"
-        f"<dl>{probs}</dl>"
-        f"<h2>Estimated T-score {p['tscore']:.1f} ({e(band)} band)</h2>"
-        f"{_tscore_scale(float(p['tscore']))}"
-        '<p class="muted">Estimated from the radiograph and clinical facts; WHO bands: normal '
-        "\u2265 \u22121.0, osteopenia between, osteoporosis \u2264 \u22122.5.</p>"
-        f"<h2>Quality</h2><dl><dt>Out-of-distribution score</dt><dd>{q['ood_score']:.2f} "
-        f"(threshold {q['ood_threshold']:.2f})</dd><dt>Flags</dt>"
-        f"<dd>{e('; '.join(flags) or 'none')}</dd></dl>"
-        "<h2>Clinician feedback</h2>"
-        f"{_feedback(item.feedback)}</div></div>"
-        "<h2>Clinical contributions</h2>"
-        f"{_contributions(r['explanation']['clinical'])}"
-        "<h2>Record</h2><dl>"
-        f"<dt>Screened</dt><dd>{e(when(r['created_at']))}</dd>"
-        f"<dt>Received</dt><dd>{e(when(item.received_at))}</dd>"
-        f"<dt>Device</dt><dd>{e(r['device_id'])}</dd>"
-        f"<dt>Patient key</dt><dd>{e(key_text)}</dd>"
-        f"<dt>Age, sex</dt><dd>{e(r['age_years'])}, {e(r['sex'])}</dd>"
-        f"<dt>Model</dt><dd>{e(m['name'])} {e(m['version'])} ({e(m['backend'])}, "
-        f"{e(m['precision'])}), sha256 {e(m['sha256'][:12])}\u2026</dd>"
-        f"<dt>Result id</dt><dd>{e(rid)}</dd></dl>"
+        + ("" if results else '<p class="muted" data-empty>No result matches.</p>')
     )
 
 
@@ -352,3 +262,19 @@ def login_page(error: str | None, next_path: str) -> str:
 
 def error_page(status: int, message: str) -> str:
     return f'<h1>{status}</h1><p>{e(message)}</p><p><a href="/">Back to the dashboard</a></p>'
+
+
+def no_accounts_page() -> str:
+    """What every page says while nobody can log in (no users file, pages not opened)."""
+    return (
+        "<h1>No staff accounts yet</h1>"
+        "<p>The dashboard shows patient screening results, so every page needs a login, and "
+        "no users file is configured. On the dashboard's server:</p>"
+        "<pre>python -m dashboard.auth NAME &gt;&gt; users</pre>"
+        "<p>(it asks for the password twice and appends one line), then set "
+        "<code>dashboard.users_file: users</code> in the configuration (or "
+        "<code>OSTEOFY_DASHBOARD__USERS_FILE=users</code>) and restart the service.</p>"
+        '<p class="muted">Machines use the API with a bearer token '
+        "(<code>dashboard.api_token_file</code>); without one, <code>/api/*</code> answers "
+        "this machine only.</p>"
+    )

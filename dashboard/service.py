@@ -5,9 +5,11 @@ on several hosts) against one PostgreSQL database — or one SQLite file on one 
 broker's shared subscription splits the messages between them and the store's keys keep
 storage exactly-once either way.
 
-The web side binds ``dashboard.host`` (default 127.0.0.1). With no ``api_token_file`` the API
-answers loopback clients only, and with no users file the pages do too (see
-:mod:`dashboard.auth`); an empty ``mqtt.url`` serves what is stored without subscribing.
+The web side binds ``dashboard.host`` (default 127.0.0.1). Access (see :mod:`dashboard.auth`):
+with no ``api_token_file`` the API answers loopback clients only; with no users file the
+pages refuse everyone (with how to make a user) unless ``open_pages`` asks for them to be
+open to loopback clients — the one-machine demo. An empty ``mqtt.url`` serves what is stored
+without subscribing.
 """
 
 from __future__ import annotations
@@ -20,57 +22,15 @@ from types import FrameType
 from typing import Any
 
 from dashboard.auth import Access, load_token, load_users
-from dashboard.intake import Counters, Rejected, parse, safe_topic, utc_key
-from dashboard.mqtt import BrokerSettings, Subscriber, broker_settings
-from dashboard.store import Store, StoreError, open_store
+from dashboard.ingest import Ingest
+from dashboard.intake import Counters
+from dashboard.mqtt import DEFAULT_BATCH, BrokerSettings, Subscriber, broker_settings
+from dashboard.store import open_store
 from dashboard.web import App, WebServer
-from edge.messages import Feedback, Heartbeat, Status
-from edge.result import Result, utc_now
 from osteofy.config import Config
 from osteofy.errors import Unavailable
 
 log = logging.getLogger(__name__)
-
-
-class Ingest:
-    """The subscriber's handler: validate, store, count. False = not stored, redeliver."""
-
-    def __init__(self, store: Store, counters: Counters) -> None:
-        self.store = store
-        self.counters = counters
-
-    def __call__(self, topic: str, payload: bytes) -> bool:
-        self.counters.add("received")
-        try:
-            msg = parse(topic, payload)
-            if isinstance(msg.message, Result):
-                created = utc_key(msg.message.created_at)
-                new = self.store.add_result(msg.message, created, utc_now())
-            elif msg.kind == "overlay" and msg.png is not None and msg.result_id is not None:
-                new = self.store.add_overlay(
-                    msg.site_id, msg.device_id, msg.result_id, msg.png, utc_now()
-                )
-            elif isinstance(msg.message, Feedback):
-                new = self.store.add_feedback(msg.message, utc_now())
-            elif isinstance(msg.message, Status):
-                self.store.set_status(msg.message, utc_now())
-                new = True
-            elif isinstance(msg.message, Heartbeat):
-                self.store.set_heartbeat(msg.message, utc_now())
-                new = True
-            else:  # parse() only returns the kinds above
-                raise Rejected("topic", "unhandled message kind")
-        except Rejected as exc:
-            self.counters.add("rejected")
-            self.counters.add(f"rejected_{exc.category}")
-            log.warning("dropped a message on %s: %s", safe_topic(topic), exc)
-            return True  # handled for good: a redelivery would be rejected again
-        except StoreError as exc:
-            self.counters.add("store_errors")
-            log.error("could not store a message on %s: %s", safe_topic(topic), exc)
-            return False
-        self.counters.add(f"{msg.kind}_stored" if new else f"{msg.kind}_duplicate")
-        return True
 
 
 class Dashboard:
@@ -83,6 +43,8 @@ class Dashboard:
         users_file: Path | None = None,
         client_id: str | None = None,
         broker: BrokerSettings | None = None,
+        open_pages: bool = False,
+        max_batch: int = DEFAULT_BATCH,
     ) -> None:
         # Read every file first: a configuration error must not leave a half-started service.
         token = load_token(cfg.dashboard.api_token_file) if cfg.dashboard.api_token_file else None
@@ -91,10 +53,12 @@ class Dashboard:
             broker = broker_settings(cfg, client_id)
         self.counters = Counters()
         self.store = open_store(cfg.dashboard.db_url)
+        ingest = Ingest(self.store, self.counters)
         self.subscriber = (
-            Subscriber(broker, Ingest(self.store, self.counters)) if broker is not None else None
+            Subscriber(broker, ingest.handle, max_batch=max_batch) if broker is not None else None
         )
-        app = App(self.store, Access(token, users), self.stats)
+        access = Access(token, users, open_pages=open_pages)
+        app = App(self.store, access, self.stats)
         try:
             self.web = WebServer(cfg.dashboard.host, cfg.dashboard.port, app)
         except OSError as exc:
@@ -103,8 +67,12 @@ class Dashboard:
             raise Unavailable(f"dashboard: cannot listen on {where}: {exc.strerror}") from None
         if token is None:
             log.warning("no dashboard.api_token_file: the API answers this machine only")
-        if users is None:
-            log.warning("no users file: the pages are open to this machine only")
+        if users is None and open_pages:
+            log.warning("no users file, open_pages: the pages are open to this machine only")
+        elif users is None:
+            log.warning("no users file: the pages refuse everyone (python -m dashboard.auth NAME)")
+        elif open_pages:
+            log.warning("open_pages is ignored: a users file is configured, staff log in")
 
     def stats(self) -> dict:
         sub = self.subscriber
@@ -139,10 +107,15 @@ def serve(
     *,
     users_file: Path | None = None,
     client_id: str | None = None,
+    open_pages: bool = False,
 ) -> int:
-    """Run until ``stop`` is set (or SIGTERM/SIGINT when called from the main thread)."""
+    """Run until ``stop`` is set (or SIGTERM/SIGINT when called from the main thread).
+
+    ``open_pages``: without a users file, let loopback clients see the pages (a demo on one
+    machine); never needed, and ignored, when staff have accounts.
+    """
     stop = stop or threading.Event()
-    dashboard = Dashboard(cfg, users_file=users_file, client_id=client_id)
+    dashboard = Dashboard(cfg, users_file=users_file, client_id=client_id, open_pages=open_pages)
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
 

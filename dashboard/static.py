@@ -35,7 +35,10 @@ table { border-collapse: collapse; width: 100%; background: #fff; }
 th, td { text-align: left; padding: .35rem .55rem; border-bottom: 1px solid var(--line);
          vertical-align: top; }
 tr.site th { background: #eef4f8; font-size: 1rem; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+/* Times, clinic and device ids are read whole: never broken at their hyphens. */
+tbody[data-feed] td:nth-child(-n+3), tbody[data-devices] td:nth-child(-n+3),
+td.nowrap, th.nowrap { white-space: nowrap; }
 .online { color: var(--ok); font-weight: 600; }
 .offline { color: var(--bad); font-weight: 600; }
 .unknown, .muted { color: var(--muted); }
@@ -65,6 +68,38 @@ form.login { max-width: 22rem; display: grid; gap: .6rem; background: #fff; padd
 form.login input { padding: .4rem; font: inherit; }
 .error { color: var(--bad); }
 .live { color: var(--muted); font-size: .85rem; }
+form.filters { display: flex; flex-wrap: wrap; gap: .5rem 1rem; align-items: end;
+               margin: 0 0 .6rem; padding: .6rem .8rem; background: #fff;
+               border: 1px solid var(--line); border-radius: 6px; }
+form.filters label { display: flex; flex-direction: column; font-size: .8rem;
+                     color: var(--muted); gap: .15rem; }
+form.filters input, form.filters select { font: inherit; color: var(--ink); padding: .2rem .3rem;
+                                          border: 1px solid var(--line); border-radius: 4px; }
+form.filters input[type=number] { width: 5rem; }
+form.filters button { font: inherit; padding: .25rem .9rem; border-radius: 4px; cursor: pointer;
+                      background: #0b3b5b; color: #fff; border: 1px solid #0b3b5b; }
+form.filters a { align-self: center; }
+form.filters a.csv { margin-left: auto; }
+pre, code { font: .9rem/1.4 ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; }
+pre { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: .6rem .9rem; }
+tr.total th, tr.total td { border-top: 2px solid var(--ink); font-weight: 600; }
+td.rate { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+td.rate small { display: block; color: var(--muted); font-size: .8rem; }
+td.small-n { color: var(--muted); }
+.tag { display: inline-block; font-size: .72rem; padding: 0 .35rem; border-radius: 3px;
+       background: #f2f4f7; color: var(--warn); border: 1px solid #fedf89; font-weight: 600; }
+svg.chart { background: #fff; border: 1px solid var(--line); border-radius: 6px; }
+.grid-line { stroke: var(--line); stroke-width: 1; }
+line.sensitivity { stroke: #d92d20; stroke-width: 2; }
+line.specificity { stroke: #1570ef; stroke-width: 2; }
+circle.sensitivity { fill: #d92d20; }
+circle.specificity { fill: #1570ef; }
+.small { opacity: .35; }
+.legend { color: var(--muted); font-size: .85rem; margin: .2rem 0 .6rem; }
+.key { display: inline-block; width: .8rem; height: .8rem; border-radius: 50%;
+       vertical-align: middle; }
+.key.sensitivity { background: #d92d20; }
+.key.specificity { background: #1570ef; }
 """
 
 JS = r"""
@@ -166,11 +201,13 @@ JS = r"""
 
   function poll(tbody, url, render) {
     var note = document.querySelector("[data-live-note]");
+    var empty = document.querySelector("[data-empty]");
     function tick() {
       fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
         .then(function (r) { if (!r.ok) { throw new Error(String(r.status)); } return r.json(); })
         .then(function (data) {
           render(tbody, data);
+          if (empty) { empty.hidden = data.length > 0; }
           if (note) { note.textContent = "live \u00b7 updated " + new Date().toLocaleTimeString(); }
         })
         .catch(function (err) {

@@ -1,30 +1,22 @@
 """The web side: pages for people, ``/api/*`` for machines (stdlib ``ThreadingHTTPServer``).
 
-API (JSON unless said otherwise):
-
-- ``GET /api/results?limit=50&site=S`` — ``osteofy.result.v1`` objects exactly as published,
-  newest ``created_at`` first (limit 1..500);
-- ``GET /api/results/{id}`` — ``{"result": …, "received_at": …, "overlay": URL|null,
-  "feedback": […]}``;
-- ``GET /api/devices`` — one object per device: state (``online``/``offline``, the latter
-  from its Last Will), last heartbeat (outbox depth and alarm, oldest queued age, disk free),
-  model versions and backends from its status;
-- ``GET /api/overlay/{id}`` — the result's PNG overlay;
-- ``GET /api/stats`` — this instance's message counters and MQTT state.
+Pages: ``/`` clinics and devices, ``/results`` the live feed (filters: clinic, class, days;
+CSV link), ``/results/{id}`` one result, ``/acceptance`` clinical acceptance. The API is
+listed in :mod:`dashboard.api`.
 
 Access (:mod:`dashboard.auth`): ``/api/*`` takes ``Authorization: Bearer <token>`` (token from
-``dashboard.api_token_file``) or a page session. **When no token file is configured the API
-is open to loopback clients only** — keep the default bind address 127.0.0.1. Pages need a
-login when a users file is configured; without one they are open to loopback clients only
-and say so in a banner.
+``dashboard.api_token_file``) or a page session; **with no token file it answers loopback
+clients without one** (keep the default bind address 127.0.0.1). Pages need a login; with no
+users file they refuse everyone with a page saying how to make an account, unless the
+operator chose ``open_pages`` — then loopback clients see them without a login, under a
+banner.
 
 Every response carries a strict CSP (``default-src 'self'``, no inline script or style),
-``nosniff``, no framing, no referrer, ``no-store``.
+``nosniff``, no framing, no referrer to other sites, ``no-store``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import socket
@@ -37,15 +29,18 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from dashboard import pages, static
+from dashboard.api import Reply, acceptance, api_reply, json_reply
 from dashboard.auth import SESSION_TTL_S, Access, Session, is_loopback
-from dashboard.intake import UUID_RE, level_ok
+from dashboard.intake import UUID_RE
+from dashboard.pages_acceptance import acceptance_page
+from dashboard.pages_result import result_page
+from dashboard.query import MAX_FIELDS, BadRequest, parse_filter
 from dashboard.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 COOKIE = "osteofy_session"
 MAX_FORM_BYTES = 4096
-MAX_LIMIT = 500
 CSP = (
     "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
@@ -55,7 +50,10 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not "no-referrer": under it browsers send "Origin: null" with every form POST, and the
+    # login's same-origin check then refused every real login. "same-origin" still never
+    # sends a URL (result ids) to another site.
+    "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
@@ -64,11 +62,7 @@ STATIC = {
     "/static/app.js": ("text/javascript; charset=utf-8", static.JS.encode()),
 }
 _RESULT_PAGE = re.compile(r"^/results/([^/]+)$")
-_API_ITEM = re.compile(r"^/api/(results|overlay)/([^/]+)$")
-
-
-class BadRequest(Exception):
-    pass
+_PAGES = ("/", "/results", "/acceptance")
 
 
 class _Server(ThreadingHTTPServer):
@@ -108,26 +102,45 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.client, format % args)
 
-    def _send(
-        self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
-    ) -> None:
+    def _head(self, status: int, ctype: str, length: int | None, headers: dict[str, str]) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+        if length is not None:
+            self.send_header("Content-Length", str(length))
         cache = (
             "private, max-age=300"
             if ctype.startswith(("text/css", "text/javascript"))
             else "no-store"
         )
         self.send_header("Cache-Control", cache)
-        for k, v in {**SECURITY_HEADERS, **(headers or {})}.items():
+        for k, v in {**SECURITY_HEADERS, **headers}.items():
             self.send_header(k, v)
         self.end_headers()
+
+    def _send(
+        self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
+    ) -> None:
+        self._head(status, ctype, len(body), headers or {})
         self.wfile.write(body)
 
-    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-        self._send(status, body, "application/json; charset=utf-8", headers)
+    def _reply(self, reply: Reply) -> None:
+        if isinstance(reply.body, bytes):
+            self._send(reply.status, reply.body, reply.ctype, reply.headers)
+            return
+        # Streamed (HTTP/1.0: the end of the body is the end of the connection). The status
+        # line is gone once the first chunk is out: a failure later can only cut it short.
+        chunks = iter(reply.body)
+        first = next(chunks, b"")  # errors before anything is sent still get a proper answer
+        self._head(reply.status, reply.ctype, None, reply.headers)
+        self.close_connection = True
+        self.wfile.write(first)
+        try:
+            for chunk in chunks:
+                self.wfile.write(chunk)
+        except (ConnectionError, TimeoutError):
+            pass
+        except Exception:
+            log.exception("web: a streamed answer failed midway; cut short")
 
     def _html(
         self,
@@ -177,7 +190,7 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, route: Callable[[str, dict[str, list[str]]], None]) -> None:
         url = urlsplit(self.path)
         try:
-            route(url.path, _parse_qs(url.query, 20))
+            route(url.path, _parse_qs(url.query, MAX_FIELDS))
         except BadRequest as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc), url.path)
         except StoreError as exc:
@@ -191,7 +204,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str, path: str) -> None:
         if path.startswith("/api/"):
-            self._json(status, {"error": message})
+            self._reply(json_reply(status, {"error": message}))
         else:
             self._html(status, str(status), pages.error_page(status, message))
 
@@ -219,43 +232,15 @@ class Handler(BaseHTTPRequestHandler):
     def _api(self, path: str, query: dict[str, list[str]]) -> None:
         session = self.app.access.session(self._cookie_sid())
         if not self.app.access.api_allowed(self.client, self.headers.get("Authorization"), session):
-            self._json(
-                HTTPStatus.UNAUTHORIZED,
-                {"error": "a bearer token is required"},
-                {"WWW-Authenticate": 'Bearer realm="osteofy"'},
+            self._reply(
+                json_reply(
+                    HTTPStatus.UNAUTHORIZED,
+                    {"error": "a bearer token is required"},
+                    {"WWW-Authenticate": 'Bearer realm="osteofy"'},
+                )
             )
             return
-        store = self.app.store
-        if path == "/api/results":
-            self._json(HTTPStatus.OK, store.results(_limit(query), _site(query)))
-        elif path == "/api/devices":
-            self._json(HTTPStatus.OK, store.devices())
-        elif path == "/api/stats":
-            self._json(HTTPStatus.OK, self.app.stats())
-        elif (m := _API_ITEM.match(path)) and UUID_RE.match(m.group(2)):
-            kind, rid = m.groups()
-            if kind == "overlay":
-                png = store.overlay(rid)
-                if png is None:
-                    self._json(HTTPStatus.NOT_FOUND, {"error": "no overlay for this result"})
-                else:
-                    self._send(HTTPStatus.OK, png, "image/png")
-                return
-            item = store.result(rid)
-            if item is None:
-                self._json(HTTPStatus.NOT_FOUND, {"error": "no such result"})
-                return
-            self._json(
-                HTTPStatus.OK,
-                {
-                    "result": item.payload,
-                    "received_at": item.received_at,
-                    "overlay": f"/api/overlay/{rid}" if item.has_overlay else None,
-                    "feedback": item.feedback,
-                },
-            )
-        else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+        self._reply(api_reply(self.app.store, self.app.stats, path, query))
 
     # --- pages ---------------------------------------------------------------------------------
 
@@ -266,6 +251,9 @@ class Handler(BaseHTTPRequestHandler):
         session = access.session(sid)
         if session is not None:
             return session, {}
+        if access.no_accounts:
+            self._html(HTTPStatus.FORBIDDEN, "No staff accounts", pages.no_accounts_page())
+            return None, {}
         if not access.pages_open:
             self._redirect("/login?" + urlencode({"next": _local(path)}))
             return None, {}
@@ -281,7 +269,7 @@ class Handler(BaseHTTPRequestHandler):
     def _page(self, path: str, query: dict[str, list[str]]) -> None:
         m = _RESULT_PAGE.match(path)
         rid = m.group(1) if m and UUID_RE.match(m.group(1)) else None
-        if path not in ("/", "/results") and rid is None:
+        if path not in _PAGES and rid is None:
             self._error(HTTPStatus.NOT_FOUND, "no such page", path)
             return
         session, headers = self._page_session(path)
@@ -293,11 +281,16 @@ class Handler(BaseHTTPRequestHandler):
             if item is None:
                 self._error(HTTPStatus.NOT_FOUND, "no such result", path)
                 return
-            body, title, active = pages.result_page(item), "Result", "results"
+            body, title, active = result_page(item), "Result", "results"
         elif path == "/results":
-            limit, site = _limit(query), _site(query)
-            body = pages.results_page(store.results(limit, site), site, limit)
+            filt = parse_filter(query)
+            sites = sorted({d["site_id"] for d in store.devices()})
+            body = pages.results_page(store.results(filt), filt, sites)
             title, active = "Results", "results"
+        elif path == "/acceptance":
+            filt = parse_filter(query)
+            body = acceptance_page(acceptance(store, filt), filt)
+            title, active = "Clinical acceptance", "acceptance"
         else:
             body, title, active = (
                 pages.devices_page(store.devices()),
@@ -324,16 +317,21 @@ class Handler(BaseHTTPRequestHandler):
         return origin is None or urlsplit(origin).netloc == self.headers.get("Host", "")
 
     def _login_form(self, query: dict[str, list[str]]) -> None:
-        if self.app.access.pages_open:
+        access = self.app.access
+        if access.no_accounts:
+            self._html(HTTPStatus.FORBIDDEN, "No staff accounts", pages.no_accounts_page())
+        elif access.pages_open:
             self._redirect("/")
-            return
-        nxt = _local(query.get("next", ["/"])[0])
-        self._html(HTTPStatus.OK, "Log in", pages.login_page(None, nxt))
+        else:
+            nxt = _local(query.get("next", ["/"])[0])
+            self._html(HTTPStatus.OK, "Log in", pages.login_page(None, nxt))
 
     def _login(self, form: dict[str, str]) -> None:
         access = self.app.access
         nxt = _local(form.get("next", "/"))
-        if access.pages_open:
+        if access.no_accounts:
+            self._html(HTTPStatus.FORBIDDEN, "No staff accounts", pages.no_accounts_page())
+        elif access.pages_open:
             self._redirect("/")
         elif not self._same_origin():
             self._error(HTTPStatus.FORBIDDEN, "cross-site login refused", "/login")
@@ -365,20 +363,6 @@ def _parse_qs(text: str, max_fields: int) -> dict[str, list[str]]:
         return parse_qs(text, max_num_fields=max_fields)
     except ValueError:
         raise BadRequest("too many parameters") from None
-
-
-def _limit(query: dict[str, list[str]]) -> int:
-    text = query.get("limit", ["50"])[0]
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-        raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}")
-    return int(text)
-
-
-def _site(query: dict[str, list[str]]) -> str | None:
-    site = query.get("site", [None])[0]
-    if site is not None and not level_ok(site):
-        raise BadRequest("site is not a valid site id")
-    return site
 
 
 def _local(path: str) -> str:

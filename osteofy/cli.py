@@ -274,7 +274,12 @@ def _cmd_dashboard_serve(args: argparse.Namespace) -> int:
     from dashboard.service import serve
 
     cfg = _config(args)
-    return serve(cfg, users_file=cfg.dashboard.users_file, client_id=cfg.dashboard.client_id)
+    return serve(
+        cfg,
+        users_file=cfg.dashboard.users_file,
+        client_id=cfg.dashboard.client_id,
+        open_pages=cfg.dashboard.open_pages,
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

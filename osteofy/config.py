@@ -88,6 +88,7 @@ class DashboardConfig(_Strict):
     api_token_file: Path | None = None
     users_file: Path | None = None  # name:pbkdf2_sha256$… lines (python -m dashboard.auth NAME)
     client_id: str | None = None  # MQTT client id (the persistent session is found by it)
+    open_pages: bool = False  # without a users file: pages open to localhost (a banner says so)
 
 
 class IngestConfig(_Strict):

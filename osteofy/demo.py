@@ -211,7 +211,7 @@ def run_demo(
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())  # like Ctrl-C
-    dashboard = Dashboard(cfg)
+    dashboard = Dashboard(cfg, open_pages=True)  # a demo on this machine: no staff accounts
     service = EdgeService(cfg)
     publisher = start_publisher(service)
     stop_screen = attach(service, publisher, cfg)

@@ -28,10 +28,13 @@ import numpy as np
 import pytest
 
 from dashboard.auth import Access, hash_password, load_users
+from dashboard.ingest import Ingest
 from dashboard.intake import MAX_PNG_BYTES, Counters, Rejected, parse, utc_key
-from dashboard.mqtt import BrokerSettings, Subscriber, broker_settings
-from dashboard.service import Dashboard, Ingest, serve
-from dashboard.store import SqliteStore, Store, open_store
+from dashboard.mqtt import BrokerSettings, Subscriber, broker_settings, one_by_one
+from dashboard.query import ResultFilter
+from dashboard.service import Dashboard, serve
+from dashboard.store import Store, open_store
+from dashboard.store_sqlite import SqliteStore
 from edge.messages import Feedback, Heartbeat, Status, topic
 from edge.result import (
     Contribution,
@@ -296,11 +299,19 @@ def make_config(broker_port: int | None, db_url: str, token: Path | None, port: 
     )
 
 
-def start_dashboard(cfg: Config, client_id: str, users_file: Path | None = None) -> Dashboard:
+def start_dashboard(
+    cfg: Config,
+    client_id: str,
+    users_file: Path | None = None,
+    open_pages: bool = False,
+    max_batch: int = 100,
+) -> Dashboard:
     broker = None
     if cfg.mqtt.url:
         broker = replace(broker_settings(cfg, client_id), min_backoff_s=0.1, max_backoff_s=0.5)
-    d = Dashboard(cfg, users_file=users_file, broker=broker)
+    d = Dashboard(
+        cfg, users_file=users_file, broker=broker, open_pages=open_pages, max_batch=max_batch
+    )
     d.start()
     if d.subscriber is not None:
         assert d.subscriber.subscribed.wait(10), "the dashboard did not subscribe"
@@ -396,10 +407,10 @@ def test_store_contract(db_url: str) -> None:
         for r in (old, new, other):
             assert store.add_result(r, utc_key(r.created_at), utc_now()) is True
         assert store.add_result(old, utc_key(old.created_at), utc_now()) is False  # again
-        ids = [p["result_id"] for p in store.results(limit=10, site_id=SITE)]
+        ids = [p["result_id"] for p in store.results(ResultFilter(site=SITE, limit=10))]
         assert ids == [new.result_id, old.result_id]
-        assert [p["result_id"] for p in store.results(limit=1)] == [other.result_id]
-        assert store.results(site_id="nowhere") == []
+        assert [p["result_id"] for p in store.results(ResultFilter(limit=1))] == [other.result_id]
+        assert store.results(ResultFilter(site="nowhere")) == []
 
         png = png_bytes()
         # An overlay from another device for this result id is not the result's overlay.
@@ -493,7 +504,7 @@ def test_open_mode_serves_loopback_with_a_banner(tmp_path: Path, token_file: Pat
     evil = make_result(device="<script>alert(1)</script>")
     store.add_result(Result.model_validate(evil), utc_now(), utc_now())
     store.close()
-    d = start_dashboard(cfg, "unused")
+    d = start_dashboard(cfg, "unused", open_pages=True)
     port = d.web.port
     try:
         code, h, body = http_get(port, "/results")
@@ -572,7 +583,7 @@ def test_round_trip_through_mosquitto(broker: int, tmp_path: Path, token_file: P
         [(topic(SITE, "edge-02", "status"), js(status("online", device="edge-02")), 1, True)],
     )
     cfg = make_config(broker, f"sqlite:///{tmp_path / 'd.sqlite'}", token_file)
-    d = start_dashboard(cfg, "dash-a")
+    d = start_dashboard(cfg, "dash-a", open_pages=True)
     port = d.web.port
     try:
         assert wait_until(
@@ -716,7 +727,7 @@ def test_a_message_not_stored_is_delivered_again(broker: int) -> None:
     settings = BrokerSettings(
         host="127.0.0.1", port=broker, client_id="dash-flaky", min_backoff_s=0.1
     )
-    sub = Subscriber(settings, flaky)
+    sub = Subscriber(settings, one_by_one(flaky))
     sub.start()
     try:
         assert sub.subscribed.wait(10)
@@ -857,10 +868,11 @@ def test_a_browser_runs_the_live_pages_under_the_csp(tmp_path: Path, token_file:
     store.set_status(Status.model_validate(status("online")), utc_now())
     store.set_heartbeat(Heartbeat.model_validate(heartbeat()), utc_now())
     store.close()
-    d = start_dashboard(cfg, "unused")
+    d = start_dashboard(cfg, "unused", open_pages=True)
     d.web.httpd.app.store = _EmptyFirst(d.web.httpd.app.store)  # type: ignore[assignment]
     try:
-        for path, expect in (("/results", r["result_id"]), ("/", "9000 / 10000")):
+        # "/" first: the feed page also reads the devices (for its clinic filter).
+        for path, expect in (("/", "9000 / 10000"), ("/results", r["result_id"])):
             out = subprocess.run(
                 [
                     browser,
@@ -878,6 +890,7 @@ def test_a_browser_runs_the_live_pages_under_the_csp(tmp_path: Path, token_file:
             dom = out.stdout.decode()
             assert "live \u00b7 updated" in dom, (path, dom[-800:])
             assert expect in dom, path
+            assert re.search(r"<p [^>]*data-empty[^>]*hidden", dom), "'nothing yet' still shown"
             assert PATIENT_KEY not in dom
     finally:
         d.close()
