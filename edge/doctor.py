@@ -54,9 +54,22 @@ def _models(cfg: Config) -> tuple[list[Check], bool]:
 
     checks = []
     try:
-        screener = Screener(cfg)
+        screener = Screener(cfg, create_secret=False)  # a check never makes the site secret
     except Exception as exc:  # noqa: BLE001 - every failure is a finding here
         return [Check("models", False, str(exc), required=True)], False
+    checks.append(
+        Check(
+            "site secret",
+            bool(screener.secret),
+            f"{screener.secret_file}"
+            + (
+                ""
+                if screener.secret
+                else ": not made yet (edge serve makes it at first start; "
+                "copy the site's secret here so keys match across its devices)"
+            ),
+        )
+    )
     for site, loaded in sorted(screener.models.items()):
         c = loaded.choice
         checks.append(

@@ -131,6 +131,7 @@ class Screener:
         backend: str | None = None,
         precision: str | None = None,
         threads: int | None = None,
+        create_secret: bool = True,
     ) -> None:
         self.cfg = cfg
         self.models: dict[str, Loaded] = {}
@@ -177,7 +178,11 @@ class Screener:
                 + "; ".join(f"{s}: {m}" for s, m in sorted(self.problems.items()))
             )
         secret_file = cfg.site_secret_file or cfg.data_dir / "site.secret"
-        self.secret = load_site_secret(Path(secret_file))
+        self.secret_file = Path(secret_file)
+        if create_secret or self.secret_file.exists():
+            self.secret = load_site_secret(self.secret_file)
+        else:  # a read-only check (doctor): report it, do not make it
+            self.secret = b""
 
     @property
     def sites(self) -> set[str]:
@@ -185,6 +190,8 @@ class Screener:
 
     def screen(self, path: Path, clinical: Mapping[str, object] | None = None) -> Outcome:
         """Screen one file; InputRejected (with ``.rule`` when known) for anything refused."""
+        if not self.secret:
+            raise Unavailable(f"no site secret at {self.secret_file}")
         t0 = time.perf_counter()
         study = load_study(Path(path), self.cfg.ingest, self.sites, clinical)
         t1 = time.perf_counter()

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 import uuid
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge import sdnotify
 from edge.ingest import merge_facts, sidecar_path
 from edge.messages import Feedback, ModelStatus
 from edge.outbox import Outbox
@@ -79,6 +81,17 @@ class Folders:
             d.mkdir(parents=True, exist_ok=True)
 
 
+def _regular_study(path: Path) -> bool:
+    """A study file: not hidden or temporary, and a regular file (a FIFO or a device node
+    dropped into the inbox would block the hash read forever; such entries are left alone)."""
+    if not is_study(path.name):
+        return False
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
 def is_study(name: str) -> bool:
     return not name.startswith(".") and not name.endswith(SKIP_SUFFIXES)
 
@@ -109,8 +122,8 @@ class EdgeService:
 
     def pending(self) -> list[Path]:
         """Studies to do: first those already claimed (a previous run's), then the inbox's."""
-        claimed = sorted(p for p in self.folders.work.iterdir() if is_study(p.name))
-        waiting = sorted(p for p in self.folders.inbox.iterdir() if is_study(p.name))
+        claimed = sorted(p for p in self.folders.work.iterdir() if _regular_study(p))
+        waiting = sorted(p for p in self.folders.inbox.iterdir() if _regular_study(p))
         return claimed + waiting
 
     def claim(self, path: Path) -> Path | None:
@@ -267,8 +280,12 @@ class EdgeService:
 
     # --- loop --------------------------------------------------------------------------------
 
-    def run_once(self) -> int:
-        """Process everything pending now; returns how many studies were handled."""
+    def run_once(self, alive: Callable[[], object] = lambda: None) -> int:
+        """Process everything pending now; returns how many studies were handled.
+
+        ``alive`` is called after each study: a backlog of hundreds of studies is progress too,
+        and must keep the systemd watchdog fed (see :meth:`serve`).
+        """
         n = 0
         for path in self.pending():
             if self.stopping.is_set():
@@ -284,12 +301,21 @@ class EdgeService:
                 break
             n += 1
             self.processed += 1
+            alive()
         return n
 
-    def serve(self, once: bool = False) -> None:
+    def serve(self, once: bool = False, alive: Callable[[], object] = lambda: None) -> None:
+        """Loop until stopped; ``alive`` is called on every turn and after every study.
+
+        ``alive`` is the systemd watchdog ping (``run_service``). It is called from this loop
+        and nowhere else - not from a timer thread - so that a loop stuck inside one study (a
+        read that never returns, a wedged inference call) stops the pings and systemd kills
+        and restarts the service after ``WatchdogSec=``.
+        """
         log.info("watching %s", self.folders.inbox)
         while not self.stopping.is_set():
-            n = self.run_once()
+            alive()
+            n = self.run_once(alive)
             if once:
                 return
             if n == 0:
@@ -339,6 +365,8 @@ def run_service(cfg: Config, once: bool = False) -> int:
 
     service = EdgeService(cfg)
     publisher = start_publisher(service)
+    if publisher is not None:  # publish a new result now, not at the publisher's next poll
+        service.on_result = lambda _outcome: publisher.wake.set()
     stop_screen: Callable[[], None] = lambda: None  # noqa: E731
     if not once:
         try:
@@ -352,9 +380,15 @@ def run_service(cfg: Config, once: bool = False) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # READY only now: the models are loaded, the publisher and the screen are up, so systemd
+    # (Type=notify) reports the unit started only when this device can actually screen.
+    sites = ", ".join(sorted(service.screener.sites))
+    sdnotify.ready(f"screening {sites}; watching {service.folders.inbox}")
+    watchdog = sdnotify.Watchdog()
     try:
-        service.serve(once=once)
+        service.serve(once=once, alive=watchdog.ping)
     finally:
+        sdnotify.stopping(f"stopping after {service.processed} studies")
         stop_screen()
         if publisher is not None:
             publisher.stop()

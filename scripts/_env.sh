@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared setup for scripts/test and scripts/demo; source it, don't run it.
 #
 # Brings a fresh Debian/Ubuntu machine (root, or a user with sudo) or CI to a working checkout:
@@ -14,7 +15,7 @@ OSTEOFY_VENV="$OSTEOFY_ROOT/.venv"
 OSTEOFY_STAMP="$OSTEOFY_VENV/.osteofy-stamp"
 OSTEOFY_EXTRAS="dev,train,dashboard,bridge"
 # Debian packages some tests drive (they skip with a stated reason when absent).
-OSTEOFY_APT_PACKAGES="dcmtk dicom3tools mosquitto chromium openssl"
+OSTEOFY_APT_PACKAGES="dcmtk dicom3tools mosquitto chromium openssl shellcheck"
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_NO_INPUT=1
@@ -67,6 +68,7 @@ osteofy_ensure_system_tools() {
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
     if [ "${#missing[@]}" -eq 0 ]; then
         return 0
     fi
