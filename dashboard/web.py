@@ -36,6 +36,7 @@ from dashboard.pages_acceptance import acceptance_page
 from dashboard.pages_result import result_page
 from dashboard.query import MAX_FIELDS, BadRequest, parse_filter
 from dashboard.store import Store, StoreError
+from edge.audit import audit_event
 
 log = logging.getLogger(__name__)
 
@@ -336,12 +337,14 @@ class Handler(BaseHTTPRequestHandler):
         elif not self._same_origin():
             self._error(HTTPStatus.FORBIDDEN, "cross-site login refused", "/login")
         elif access.throttled(self.client):
+            audit_event("authentication_throttled", client=self.client)
             body = pages.login_page("Too many failed attempts; wait a few minutes.", nxt)
             self._html(HTTPStatus.TOO_MANY_REQUESTS, "Log in", body)
         else:
             sid = access.login(self.client, form.get("user", ""), form.get("password", ""))
             if sid is None:
                 log.warning("failed login from %s", self.client)
+                audit_event("authentication_failed", client=self.client, method="password")
                 body = pages.login_page("Wrong name or password.", nxt)
                 self._html(HTTPStatus.UNAUTHORIZED, "Log in", body)
             else:

@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -190,7 +191,13 @@ class Publisher:
         if reason_code is not None and getattr(reason_code, "is_failure", False):
             log.error("broker refused a message (%s); it stays queued", reason_code)
             return
-        self.outbox.acknowledged(seq)
+        try:
+            self.outbox.acknowledged(seq)
+        except sqlite3.Error as exc:  # e.g. disk full: never let paho's network thread die
+            log.error(
+                "outbox: cannot drop an acknowledged message (%s); it will be sent again", exc
+            )
+            return
         self.wake.set()
 
     # --- the loop ----------------------------------------------------------------------------

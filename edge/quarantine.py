@@ -9,6 +9,7 @@ local reason file (it may carry a UID); it is never logged or published.
 
 Order: the reason file is written (durably) before the move, so a quarantined file always has
 its reason; a crash in between leaves the input where it was, to be rejected again.
+Each quarantine is an audit event carrying the rule name only (edge/audit.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+from edge.audit import audit_event
 from osteofy.fsutil import atomic_write, fsync_dir
 
 __all__ = ["REASON_SUFFIX", "quarantine", "reason_path"]
@@ -102,4 +104,12 @@ def quarantine(
         reason_path(dest).unlink(missing_ok=True)  # our own record of a move that did not happen
         raise
     log.info("quarantined an input as %s (rule %s)", dest.name, rule or "unknown")
+    audit_event("quarantined", rule=_rule_name(rule))
     return dest
+
+
+def _rule_name(rule: str | None) -> str:
+    """The rule as an audit value: an identifier, never free text (which could quote PHI)."""
+    if rule and len(rule) <= 40 and rule.replace("_", "").isalnum() and rule.isascii():
+        return rule
+    return "unknown"

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from edge.audit import audit_event
 from edge.clinical import all_missing, clinical_vector
 from edge.ingest import Study, load_study
 from edge.overlay import cam_to_display, peak_regions, render_overlay
@@ -157,12 +158,22 @@ class Screener:
                 )
             except Unavailable as exc:
                 self.problems[site] = str(exc)
+                audit_event("site_unavailable", site=site)
                 log.error("site %s cannot be screened: %s", site, exc)
                 continue
             file = pkg.model_file(
                 choice.backend.precision if choice.backend.precision != "fp16" else "fp32"
             )
             self.models[site] = Loaded(pkg, choice, sha256_file(file))
+            audit_event(
+                "model_chosen",
+                site=site,
+                package=pkg.path.name,
+                version=str(pkg.card.get("version", "")),
+                backend=choice.backend.name,
+                precision=choice.backend.precision,
+                sha256=self.models[site].sha256,
+            )
             log.info(
                 "site %s: %s %s on %s/%s (%s)",
                 site,

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import stat
 import threading
 import time
@@ -295,7 +296,7 @@ class EdgeService:
                 continue
             try:
                 self.process(claimed)
-            except OSError as exc:
+            except (OSError, sqlite3.OperationalError) as exc:
                 log.error("cannot finish a study now (%s); it stays in work/ and is retried", exc)
                 self.stopping.wait(RETRY_S)
                 break
@@ -324,7 +325,9 @@ class EdgeService:
 
     def last_result_at(self) -> str | None:
         with self.store._lock:
-            row = self.store.db.execute("SELECT MAX(created_at) FROM results").fetchone()
+            row = self.store.db.execute(
+                "SELECT created_at FROM results ORDER BY rowid DESC LIMIT 1"
+            ).fetchone()
         return row[0] if row else None
 
     def close(self) -> None:

@@ -177,7 +177,7 @@ class ResultStore:
     def results(self, limit: int = 100) -> list[dict]:
         with self._lock:
             rows = self.db.execute(
-                "SELECT payload FROM results ORDER BY created_at DESC LIMIT ?", (limit,)
+                "SELECT payload FROM results ORDER BY rowid DESC LIMIT ?", (limit,)
             ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
@@ -197,7 +197,7 @@ class ResultStore:
         with self._lock:
             rows = self.db.execute(
                 "SELECT created_at, rule, reason, quarantined_as FROM rejections "
-                "ORDER BY created_at DESC LIMIT ?",
+                "ORDER BY rowid DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         return [

@@ -63,6 +63,8 @@ __all__ = [
     "address_allowed",
 ]
 
+from edge.audit import audit_event
+
 log = logging.getLogger(__name__)
 
 # The radiograph storage classes we screen; DX For Processing is accepted and left to ingest.
@@ -227,6 +229,7 @@ class _Server(ThreadedAssociationServer):
         if address_allowed(host, self.bridge_allowed):
             return True
         log.warning("refused a connection from %s: not in bridge.dicom.allowed_addresses", host)
+        audit_event("connection_refused", peer=host)
         return False
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -361,6 +364,7 @@ class DicomReceiver:
         if reason is None:
             return
         log.warning("refused an association from %s: %s", peer, reason)
+        audit_event("association_rejected", peer=str(peer), reason=reason)
         assoc.acse.send_reject(*rsd)
         assoc.kill()
 

@@ -210,9 +210,12 @@ def _edge_usage(args: argparse.Namespace) -> int:
 
 
 def _cmd_edge_serve(args: argparse.Namespace) -> int:
+    from edge.audit import running
     from edge.serve import run_service
 
-    return run_service(_config(args), once=args.once)
+    cfg = _config(args)
+    with running("edge", cfg.data_dir, cfg.model_dump(mode="json"), args.config):
+        return run_service(cfg, once=args.once)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -238,6 +241,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sbom(args: argparse.Namespace) -> int:
+    from osteofy.sbom import write_sbom
+
+    bom = write_sbom(Path(args.out), _config(args).models_dir)
+    print(f"wrote {args.out}: CycloneDX, {len(bom['components'])} components")
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from edge.doctor import run_doctor
 
@@ -249,10 +260,13 @@ def _bridge_usage(args: argparse.Namespace) -> int:
 
 
 def _cmd_bridge_serve(args: argparse.Namespace) -> int:
+    from edge.audit import running
     from firmware_bridge.service import quiet_libraries, serve
 
     quiet_libraries(args.verbose)
-    return serve(_config(args))
+    cfg = _config(args)
+    with running("bridge", cfg.data_dir, cfg.model_dump(mode="json"), args.config):
+        return serve(cfg)
 
 
 def _cmd_bridge_simulate(args: argparse.Namespace) -> int:
@@ -272,14 +286,16 @@ def _dashboard_usage(args: argparse.Namespace) -> int:
 
 def _cmd_dashboard_serve(args: argparse.Namespace) -> int:
     from dashboard.service import serve
+    from edge.audit import running
 
     cfg = _config(args)
-    return serve(
-        cfg,
-        users_file=cfg.dashboard.users_file,
-        client_id=cfg.dashboard.client_id,
-        open_pages=cfg.dashboard.open_pages,
-    )
+    with running("dashboard", cfg.data_dir, cfg.model_dump(mode="json"), args.config):
+        return serve(
+            cfg,
+            users_file=cfg.dashboard.users_file,
+            client_id=cfg.dashboard.client_id,
+            open_pages=cfg.dashboard.open_pages,
+        )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -477,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--docs", default="docs/performance.md", help="markdown page to write")
     bn.add_argument("--no-docs", action="store_true", dest="no_docs")
     bn.set_defaults(func=_cmd_bench)
+
+    sb = sub.add_parser("sbom", help="CycloneDX SBOM of the installed software and model packages")
+    sb.add_argument("--out", required=True, help="file to write (JSON)")
+    sb.add_argument("--config", help="configuration file (for models_dir)")
+    sb.set_defaults(func=_cmd_sbom)
 
     doc = sub.add_parser("doctor", help="what this machine can screen with, and what is wrong")
     doc.add_argument("--config", help="configuration file")

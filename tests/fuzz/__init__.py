@@ -1,0 +1,1 @@
+"""Fuzzing of the ingest path: the harness, run briefly by tests/test_fuzz_ingest.py."""
