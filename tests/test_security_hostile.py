@@ -22,7 +22,6 @@ import os
 import struct
 import subprocess
 import sys
-import threading
 import tracemalloc
 from pathlib import Path
 
@@ -163,19 +162,32 @@ def _implicit_name_4gb(data: bytes, tag: bytes) -> bytes:
     return data[:at] + struct.pack("<I", 0xFFFFFFF0) + data[at + 4 :]
 
 
+_MEASURE = """
+import os, subprocess, sys
+with open(sys.argv[1], "wb") as err:
+    proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=err)
+    _, status, usage = os.wait4(proc.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def _serve_once(config: Path, log: Path, timeout: float = 180.0) -> tuple[int, float]:
-    """Run ``osteofy edge serve --once`` as a subprocess: (exit code, peak RSS in MiB)."""
+    """Run ``osteofy edge serve --once`` as a subprocess: (exit code, peak RSS in MiB).
+
+    Linux counts a child's pages from before its exec in ``ru_maxrss``, so a child forked
+    from this (large) test process would report the test's size; a small intermediate Python
+    starts it and reports the child's own rusage.
+    """
     cmd = [sys.executable, "-m", "osteofy.cli", "edge", "serve", "--once", "--config", str(config)]
-    with log.open("wb") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage, not a session max
-        finally:
-            timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024.0  # Linux: KiB
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(log), *cmd],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    rc, maxrss_kib = out.stdout.split()
+    return int(rc), int(maxrss_kib) / 1024.0  # Linux: KiB
 
 
 def _quarantined_rules(data_dir: Path) -> dict[str, str]:
