@@ -6,8 +6,9 @@ moment. For each place a write can fail - the overlays of an accepted study, the
 a rejected one, the SQLite commit of a result with its outbox rows, the outbox delete after a
 PUBACK - the study must stay in ``work/`` (or the message in the outbox), the database must
 pass ``PRAGMA integrity_check``, and once the space returns the same service (or a restarted
-one) must finish the work. Two gaps are pinned by strict xfails naming the fix the lead
-makes outside this file (docs/security.md, "Known gaps").
+one) must finish the work. These tests found three gaps (the daemon ending on a full disk at
+the commit, paho's network thread dying on a full disk at a PUBACK, the result list following
+the wall clock); they are fixed and the tests guard them.
 
 Clock jumps use monkeypatched clocks (``edge.result.datetime`` for ``created_at``,
 ``edge.outbox.time`` for queue ages): publishing order is the outbox sequence and ages never go
