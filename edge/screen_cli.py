@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from edge.ingest import merge_facts, parse_facts_json
+from edge.facts import merge_facts, parse_facts_json
 from edge.overlay import encode_png
 from edge.runtime import Screener
 from osteofy.config import Config

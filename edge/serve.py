@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from edge import sdnotify
-from edge.ingest import merge_facts, sidecar_path
+from edge.facts import merge_facts, sidecar_path
 from edge.messages import Feedback, ModelStatus
 from edge.outbox import Outbox
 from edge.overlay import encode_jpeg, encode_png

@@ -42,17 +42,19 @@ from pydicom.uid import MPEG2MPML, UID, ImplicitVRLittleEndian, SecondaryCapture
 
 from cohort.dicom_out import RadiographMeta, write_radiograph
 from edge.clinical import complete_facts
-from edge.ingest import (
-    IngestRejected,
-    check_header,
+from edge.facts import (
     dicom_age_years,
     facts_from_dicom,
-    failed_rule,
-    inspect_header,
-    load_study,
     merge_facts,
     parse_facts_json,
     sidecar_path,
+)
+from edge.ingest import (
+    IngestRejected,
+    check_header,
+    failed_rule,
+    inspect_header,
+    load_study,
 )
 from edge.preprocess import PreprocessConfig, preprocess
 from edge.quarantine import quarantine, reason_path

@@ -47,7 +47,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.ingest import IngestRejected, load_study, sidecar_path
+from edge.facts import sidecar_path
+from edge.ingest import IngestRejected, load_study
 from osteofy.config import IngestConfig
 
 __all__ = [
