@@ -169,7 +169,9 @@ def _render_all(plan: CohortPlan, out: Path, opts: SimulateOptions) -> Iterator[
         for i in range(plan.n):
             yield _work(i)
         return
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # Never plain fork: a process with threads (ONNX Runtime, MQTT, HTTP servers in the same
+    # process) can fork a child that deadlocks on a lock held by a thread that is not copied.
+    ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(plan, out, opts)) as pool:
         yield from pool.imap(_work, range(plan.n), chunksize=1)
 

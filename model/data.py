@@ -170,7 +170,9 @@ def _preprocess_all(
             out[i] = _prep_one(job)
             bar.update(1)
     else:
-        with mp.get_context("fork").Pool(n) as pool:
+        # forkserver, not fork: forking a process that runs threads can deadlock the child.
+        ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(n) as pool:
             for i, img in enumerate(pool.imap(_prep_one, jobs, chunksize=8)):
                 out[i] = img
                 bar.update(1)
