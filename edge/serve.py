@@ -82,6 +82,20 @@ class Folders:
             d.mkdir(parents=True, exist_ok=True)
 
 
+def _remove_stale_temp(folder: Path) -> None:
+    """Delete our own half-written files (``.NAME.XXXX.tmp``) left by a killed process.
+
+    Only temporary files of ``atomic_write`` are removed: they were never renamed into place,
+    so nothing refers to them. Studies are never deleted.
+    """
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            try:
+                p.unlink()
+            except OSError as exc:
+                log.warning("cannot remove a stale temporary file %s: %s", p.name, exc)
+
+
 def _regular_study(path: Path) -> bool:
     """A study file: not hidden or temporary, and a regular file (a FIFO or a device node
     dropped into the inbox would block the hash read forever; such entries are left alone)."""
@@ -109,6 +123,7 @@ class EdgeService:
         self.cfg = cfg
         self.folders = Folders(cfg.data_dir)
         self.folders.create()
+        _remove_stale_temp(self.folders.overlays)
         self.screener = screener or Screener(cfg)
         self.store = ResultStore(self.folders.root / "results.sqlite")
         m = cfg.mqtt

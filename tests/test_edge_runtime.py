@@ -256,3 +256,16 @@ def test_rescreen_with_completed_facts_and_feedback_are_stored_and_queued(
     assert kinds.count("result") == 2 and kinds.count("feedback") == 1
     assert fb["result_id"] == rid
     service.close()
+
+
+def test_a_restart_removes_half_written_overlays_but_never_a_study(device_scans, device_config):
+    """Regression: kill -9 during an overlay write left `.ID.png.XXXX.tmp` behind."""
+    first = EdgeService(device_config)
+    stale = first.folders.overlays / ".0000.heat-normal.png.abcd1234.tmp"
+    stale.write_bytes(b"half")
+    study = first.folders.inbox / ".upload.tmp"  # a hidden temp file in the inbox is not ours
+    study.write_bytes(b"x")
+    first.close()
+    again = EdgeService(device_config)
+    assert not stale.exists() and study.exists()
+    again.close()
