@@ -36,7 +36,6 @@ import platform
 import random
 import re
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -52,86 +51,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from osteofy.mosquitto import MOSQUITTO, Mosquitto, free_port  # noqa: F401 - re-used by tests
+
 log = logging.getLogger(__name__)
 
 SITES_PER_DEVICE = 5  # devices per clinic in the simulated fleet
 MARK_START = "<!-- fleet-figures:start -->"
 MARK_END = "<!-- fleet-figures:end -->"
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-)
-
-
-# --- a private broker ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Mosquitto:
-    """Mosquitto on a free loopback port; ``persistence`` keeps sessions across a restart.
-
-    ``max_queued_messages`` is raised from Mosquitto's default of 1000, past which a broker
-    silently drops QoS 1 messages queued for a subscriber that is behind or offline — the
-    setting a production broker needs too (``docs/dashboard.md``).
-    """
-
-    def __init__(self, workdir: Path, persistence: bool = False, max_queued: int = 1_000_000):
-        if MOSQUITTO is None:
-            raise RuntimeError("mosquitto is not installed (apt install mosquitto)")
-        self.port = free_port()
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.conf = self.workdir / f"mosquitto-{self.port}.conf"
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            f"max_queued_messages {max_queued}",
-            f"persistence {'true' if persistence else 'false'}",
-        ]
-        if persistence:
-            lines.append(f"persistence_location {self.workdir}/")
-        if os.geteuid() == 0:
-            lines.append("user root")  # mosquitto refuses to run as root otherwise
-        self.conf.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> None:
-        logf = (self.workdir / f"mosquitto-{self.port}.log").open("ab")
-        self.proc = subprocess.Popen(
-            [str(MOSQUITTO), "-c", str(self.conf)], stdout=logf, stderr=logf
-        )
-        logf.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{self.port}")
-
-    def stop(self) -> None:
-        """SIGTERM: a persistent broker writes its sessions and queues to disk first."""
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            self.proc = None
-
 
 # --- the fleet ----------------------------------------------------------------------------------
 

@@ -19,8 +19,6 @@ import json
 import logging
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 
 from osteofy.config import Config
 from osteofy.errors import Unavailable
+from osteofy.mosquitto import Mosquitto, free_port
 
 log = logging.getLogger(__name__)
 
@@ -37,54 +36,26 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 WAIT_S = 120.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _Mosquitto:
-    """A private broker for the demo (persistence off; stopped with the demo)."""
+    """The demo's broker: started when Mosquitto is installed, else the demo runs offline."""
 
     def __init__(self, workdir: Path) -> None:
-        self.binary = shutil.which("mosquitto") or (
-            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-        )
-        self.port = _free_port()
+        self.port = free_port()
+        self.broker: Mosquitto | None = None
         self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
 
     def start(self) -> bool:
-        if self.binary is None:
+        try:
+            self.broker = Mosquitto(self.workdir, port=self.port)
+            self.broker.start()
+        except RuntimeError:  # not installed, or did not start
+            self.broker = None
             return False
-        import os
-
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            + ("user root\n" if os.geteuid() == 0 else "")
-        )
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return True
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        return False
+        return True
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None
+        if self.broker is not None:
+            self.broker.stop()
 
 
 def _config(out: Path, broker_url: str) -> Config:
@@ -94,11 +65,11 @@ def _config(out: Path, broker_url: str) -> Config:
         data_dir=out / "device",
         models_dir=MODELS_DIR,
         mqtt={"url": broker_url, "heartbeat_s": 2.0},
-        bridge={"dicom": {"host": "127.0.0.1", "port": _free_port(), "ae_title": "OSTEOFY"}},
-        screen={"host": "127.0.0.1", "port": _free_port()},
+        bridge={"dicom": {"host": "127.0.0.1", "port": free_port(), "ae_title": "OSTEOFY"}},
+        screen={"host": "127.0.0.1", "port": free_port()},
         dashboard={
             "host": "127.0.0.1",
-            "port": _free_port(),
+            "port": free_port(),
             "db_url": f"sqlite:///{out / 'dashboard.sqlite'}",
         },
     )

@@ -25,6 +25,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 
 from dashboard.auth import Access, hash_password, load_users
@@ -49,10 +50,8 @@ from edge.result import (
 )
 from osteofy.config import Config
 from osteofy.errors import UsageError
+from osteofy.mosquitto import MOSQUITTO, Mosquitto, free_port
 
-mqtt = pytest.importorskip("paho.mqtt.client")
-
-MOSQUITTO = Path("/usr/sbin/mosquitto")
 PATIENT_KEY = "7e3f" + "a1" * 30
 TOKEN = "test-token-0123456789abcdef"
 SITE, DEVICE = "clinic-001", "edge-01"
@@ -157,12 +156,6 @@ def js(obj: dict) -> bytes:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_until(check: Callable[[], object], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -223,31 +216,14 @@ def publish(port: int, messages: list[tuple[str, bytes, int, bool]]) -> None:
 @pytest.fixture()
 def broker(tmp_path: Path) -> Iterator[int]:
     """A private Mosquitto on a free loopback port (one per test: no shared state)."""
-    if not MOSQUITTO.exists():
+    if MOSQUITTO is None:
         pytest.skip("Mosquitto is not installed (apt install mosquitto)")
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    with (tmp_path / "mosquitto.log").open("wb") as logf:
-        proc = subprocess.Popen([str(MOSQUITTO), "-c", str(conf)], stdout=logf, stderr=logf)
+    b = Mosquitto(tmp_path / "broker", max_queued=1000)
+    b.start()
     try:
-
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return True
-            except OSError:
-                return proc.poll() is not None  # exited: stop waiting
-
-        assert wait_until(up, 5) and proc.poll() is None, "mosquitto did not start"
-        yield port
+        yield b.port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        b.stop()
 
 
 @pytest.fixture()

@@ -3,14 +3,13 @@ with a clear message and the queued results are kept."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
-from mqtt_broker import MOSQUITTO, free_port, wait_for
+from mqtt_broker import MOSQUITTO, Broker, wait_for
 
 from edge.outbox import Outbox
 from edge.publisher import Publisher, check_broker
@@ -93,31 +92,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def tls_broker(pki: Path, tmp_path: Path):
-    port = free_port()
-    conf = tmp_path / "tls.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        f"cafile {pki / 'ca.crt'}\ncertfile {pki / 'server.crt'}\nkeyfile {pki / 'server.key'}\n"
-        "require_certificate true\nuse_identity_as_username true\n"
-        # As root, mosquitto drops to its own user, which cannot read pytest's 0700 temp dirs.
-        + ("user root\n" if os.geteuid() == 0 else "")
+    broker = Broker(
+        tmp_path / "broker",
+        extra=(
+            f"cafile {pki / 'ca.crt'}",
+            f"certfile {pki / 'server.crt'}",
+            f"keyfile {pki / 'server.key'}",
+            "require_certificate true",
+            "use_identity_as_username true",
+        ),
     )
-    proc = subprocess.Popen(
-        [str(MOSQUITTO), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    import socket
-
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    assert wait_for(up, 10)
-    yield port
-    proc.terminate()
-    proc.wait(5)
+    broker.start()
+    yield broker.port
+    broker.stop()
 
 
 def _config(tmp_path: Path, port: int, pki: Path, ca: str) -> Config:

@@ -466,7 +466,7 @@ def test_build_reuses_the_cache_and_rebuilds_on_force_or_new_settings(
 
 
 def _qdq_model(path: Path, zp_type: int | None, zp_value: int = 0) -> Path:
-    onnx = pytest.importorskip("onnx")
+    onnx = pytest.importorskip("onnx", reason="onnx comes with the train extra")
     from onnx import TensorProto, helper
 
     inits = [helper.make_tensor("scale", TensorProto.FLOAT, [], [0.05])]
