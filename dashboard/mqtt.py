@@ -34,13 +34,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edge.publisher import broker_address, read_password
 from osteofy.config import Config
 from osteofy.errors import UsageError
 
@@ -92,18 +92,8 @@ def default_client_id(port: int) -> str:
 def broker_settings(cfg: Config, client_id: str | None = None) -> BrokerSettings:
     """Read ``cfg.mqtt``; the password file is read here (config objects do no I/O)."""
     m = cfg.mqtt
-    parts = urlsplit(m.url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise UsageError(
-            f"mqtt.url must look like mqtt://host:1883 or mqtts://host:8883: {m.url!r}"
-        )
-    tls = parts.scheme == "mqtts"
-    password = None
-    if m.password_file is not None:
-        try:
-            password = Path(m.password_file).read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"mqtt.password_file: {exc.strerror}: {m.password_file}") from None
+    host, port, tls = broker_address(m.url)
+    password = read_password(m)
     if (m.tls.cert or m.tls.key) and not tls:
         raise UsageError("mqtt.tls.cert/key are set but mqtt.url is not mqtts://")
     for name in ("ca", "cert", "key"):
@@ -111,8 +101,8 @@ def broker_settings(cfg: Config, client_id: str | None = None) -> BrokerSettings
         if tls and path is not None and not Path(path).is_file():
             raise UsageError(f"mqtt.tls.{name}: no such file: {path}")
     return BrokerSettings(
-        host=parts.hostname,
-        port=parts.port or (8883 if tls else 1883),
+        host=host,
+        port=port,
         client_id=client_id or default_client_id(cfg.dashboard.port),
         tls=tls,
         ca=m.tls.ca,

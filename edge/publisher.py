@@ -29,7 +29,7 @@ from edge.messages import Heartbeat, ModelStatus, Status, topic
 from edge.outbox import Outbox
 from edge.result import utc_now
 from osteofy import __version__
-from osteofy.config import Config
+from osteofy.config import Config, MqttConfig
 from osteofy.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,16 @@ def broker_address(url: str) -> tuple[str, int, bool]:
         raise UsageError(f"mqtt.url must look like mqtt://host:1883 or mqtts://host:8883: {url!r}")
     tls = parts.scheme == "mqtts"
     return parts.hostname, parts.port or (8883 if tls else 1883), tls
+
+
+def read_password(m: MqttConfig) -> str | None:
+    """The MQTT password from ``mqtt.password_file`` (config objects do no I/O)."""
+    if m.password_file is None:
+        return None
+    try:
+        return Path(m.password_file).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"mqtt.password_file: {exc.strerror}: {m.password_file}") from None
 
 
 def check_broker(cfg: Config, timeout: float = 3.0) -> tuple[bool, str]:
@@ -129,15 +139,7 @@ class Publisher:
         c.will_set(self._topic("status"), self._status("offline"), qos=1, retain=True)
         m = self.cfg.mqtt
         if m.username:
-            password = None
-            if m.password_file:
-                try:
-                    password = Path(m.password_file).read_text().strip()
-                except OSError as exc:
-                    raise UsageError(
-                        f"mqtt.password_file: {exc.strerror}: {m.password_file}"
-                    ) from None
-            c.username_pw_set(m.username, password)
+            c.username_pw_set(m.username, read_password(m))
         _, _, tls = broker_address(m.url)
         if tls:
             c.tls_set(
