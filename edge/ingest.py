@@ -329,12 +329,31 @@ class _CappedFile:
     ``max_file_mb``. It has no ``name``, so pydicom cannot put the path into a message.
     """
 
-    def __init__(self, fh: BinaryIO, size: int) -> None:
-        self._fh, self._size = fh, size
+    def __init__(self, fh: BinaryIO, size: int, opened: os.stat_result | None = None) -> None:
+        self._fh, self._size, self._opened = fh, size, opened
 
     def read(self, n: int | None = -1) -> bytes:
         left = max(self._size - self._fh.tell(), 0)
         return self._fh.read(left if n is None or n < 0 else min(n, left))
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Fill ``buffer`` (at most the rest of the file) without an intermediate copy."""
+        left = max(self._size - self._fh.tell(), 0)
+        view = buffer[: min(len(buffer), left)]
+        done = 0
+        while done < len(view):
+            n = self._fh.readinto(view[done:])  # type: ignore[attr-defined]
+            if not n:
+                break
+            done += n
+        return done
+
+    def changed(self) -> bool:
+        """Whether the open file was written to (size or modification time) since it opened."""
+        if self._opened is None:
+            return False
+        now = os.fstat(self._fh.fileno())
+        return (now.st_size, now.st_mtime_ns) != (self._opened.st_size, self._opened.st_mtime_ns)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         return self._fh.seek(offset, whence)
@@ -367,7 +386,7 @@ def _opened(path: Path, cfg: IngestConfig) -> Iterator[tuple[_CappedFile, int]]:
                 raise _reject("not a DICOM file (too short, or truncated)", "dicom_file")
             raise _reject("not a DICOM file (no DICM marker at byte 128)", "dicom_file")
         fh.seek(0)
-        yield _CappedFile(fh, size), size
+        yield _CappedFile(fh, size, info), size
 
 
 class _WhileReading(logging.Filter):
@@ -621,7 +640,9 @@ def _check_raw(raw: RawImage, header: Header, lut_entries: int | None) -> str | 
     return None
 
 
-def _pixel_pass(fh: _CappedFile, header: Header, cfg: IngestConfig) -> RawImage:
+def _pixel_pass(fh: _CappedFile, header: Header, ds: Dataset, cfg: IngestConfig) -> RawImage:
+    if header.transfer_syntax in NATIVE and header.bits_allocated in (8, 16):
+        return _native_pass(fh, header, ds)
     try:
         with _quiet():
             fh.seek(0)
@@ -637,6 +658,53 @@ def _pixel_pass(fh: _CappedFile, header: Header, cfg: IngestConfig) -> RawImage:
         raise _reject(str(exc), "pixel_data") from None
     except Exception as exc:  # decoders (pydicom, pylibjpeg, openjpeg) fail in many ways
         log.debug("pixel decode failed: %s", type(exc).__name__)
+        raise _reject("the image data could not be decoded (corrupt file)", "pixel_data") from None
+    problem = _check_raw(raw, header, lut_entries)
+    if problem:
+        raise _reject(problem, "pixel_data")
+    return raw
+
+
+def _native_pass(fh: _CappedFile, header: Header, ds: Dataset) -> RawImage:
+    """Uncompressed pixels read straight into an array, using the header pass's dataset.
+
+    The rules have already checked everything the read relies on (one frame, one sample,
+    8 or 16 bits allocated, the value's offset and length against Rows x Columns and the
+    file size). The result equals pydicom's ``pixel_array`` for these files (little-endian
+    values, bits above Bits Stored cleared or sign-extended as pydicom does); reading them
+    this way saves a second parse of the file and two copies of its pixels
+    (``tests/test_ingest.py`` compares the two on every uncompressed variant it writes).
+    """
+    pixel = header.pixel
+    rows, cols = header.rows, header.cols
+    if pixel is None or rows is None or cols is None:  # excluded by the rules; kept for mypy
+        raise _reject("the file has no image data (or is truncated before it)", "pixel_data")
+    kind = "<i" if header.pixel_representation == 1 else "<u"
+    pixels = np.empty((rows, cols), np.dtype(f"{kind}{(header.bits_allocated or 16) // 8}"))
+    fh.seek(pixel.offset)
+    if fh.readinto(memoryview(pixels.data).cast("B")) != pixels.nbytes:
+        raise _reject(
+            "the file is truncated (the image data runs past the end of the file)", "pixel_data"
+        )
+    if fh.changed():
+        raise _reject("the file changed while it was being read", "pixel_data")
+    unused = (header.bits_allocated or 16) - (header.bits_stored or 16)
+    if unused > 0:  # pydicom's correct_unused_bits: bits above Bits Stored are not the value
+        if header.pixel_representation == 1:
+            np.left_shift(pixels, unused, out=pixels)
+            np.right_shift(pixels, unused, out=pixels)  # arithmetic: extends the sign
+        else:
+            np.bitwise_and(
+                pixels, pixels.dtype.type((1 << (header.bits_stored or 16)) - 1), out=pixels
+            )
+    try:
+        with _quiet():
+            raw = raw_from_dataset(ds, pixels)
+            lut_entries = _lut_entries(ds)
+    except InputRejected as exc:
+        raise _reject(str(exc), "pixel_data") from None
+    except Exception as exc:  # a deferred or malformed header value read only now
+        log.debug("header value unreadable: %s", type(exc).__name__)
         raise _reject("the image data could not be decoded (corrupt file)", "pixel_data") from None
     problem = _check_raw(raw, header, lut_entries)
     if problem:
@@ -662,7 +730,7 @@ def load_study(
         if failure is not None or header.site is None:
             rule, reason = failure or ("body_part", "the body part is not known")
             raise _reject(reason, rule)
-        raw = _pixel_pass(fh, header, cfg)
+        raw = _pixel_pass(fh, header, ds, cfg)
     notes: list[str] = []
     dicom_facts = facts_from_dicom(ds, notes)
     facts = merge_facts(dicom_facts, read_sidecar(path), clinical)

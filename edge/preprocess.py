@@ -89,12 +89,16 @@ class Geometry:
         return self.pad[0], self.pad[0] + h, self.pad[1], self.pad[1] + w
 
 
-def raw_from_dataset(ds) -> RawImage:
-    """Read the pixel-relevant attributes of a pydicom Dataset (pixels are decoded here)."""
+def raw_from_dataset(ds, pixels: NDArray | None = None) -> RawImage:
+    """Read the pixel-relevant attributes of a pydicom Dataset.
+
+    The pixels are decoded here (``ds.pixel_array``) unless the caller has read them already.
+    """
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise InputRejected(f"photometric interpretation {photometric} is not a grey radiograph")
-    pixels = ds.pixel_array
+    if pixels is None:
+        pixels = ds.pixel_array
     if pixels.ndim != 2:
         raise InputRejected(f"expected one 2-D frame, got pixel data of shape {pixels.shape}")
     window = None

@@ -218,7 +218,6 @@ class Screener:
             vec = all_missing(vec)
         t2 = time.perf_counter()
         out = loaded.choice.backend.run(image, vec)
-        t3 = time.perf_counter()
         ood = float(out["ood"][0, 0])
         thr = float(pkg.card["ood"]["threshold"])
         if not np.isfinite(ood) or ood > thr:
@@ -229,6 +228,7 @@ class Screener:
             )
         probs = out["probs"][0].astype(float)
         k = int(np.argmax(probs))
+        t3 = time.perf_counter()  # inference: the forward pass, the OOD gate and the class
         cam = out["cam"][0]
         peaks = peak_regions(cam[k], geom, k=3)
         contributions = _contributions(out["clinical_attr"][0], pkg, study.facts)
@@ -255,7 +255,7 @@ class Screener:
         ood: float,
         thr: float,
         peaks: list[dict[str, float]],
-        contributions: list[Contribution],
+        contributions: list[tuple[str, bool, float]],
     ) -> Result:
         pkg, backend = loaded.pkg, loaded.choice.backend
         k = int(np.argmax(probs))
@@ -298,7 +298,7 @@ class Screener:
             explanation=Explanation(
                 heatmap_class=CLASSES[k],
                 peaks=[Peak(**{n: round(v, 3) for n, v in p.items()}) for p in peaks],
-                clinical=contributions,
+                clinical=[Contribution(factor=f, known=k, log_odds=v) for f, k, v in contributions],
             ),
             quality=Quality(
                 ood_score=round(ood, 2),
@@ -312,26 +312,26 @@ class Screener:
 
 def _contributions(
     attr: NDArray, pkg: ModelPackage, facts: Mapping[str, float | None]
-) -> list[Contribution]:
+) -> list[tuple[str, bool, float]]:
     """Per fact: its push on log P(osteoporosis)/P(normal), value and missing flag together.
 
     ``clinical_attr`` [3, 2F] holds each input's additive contribution to each class logit
     (values first, then missing flags, in the card's order); the difference between the
-    osteoporosis and normal rows is the fact's effect on their log-odds.
+    osteoporosis and normal rows is the fact's effect on their log-odds. Returned as
+    (factor, known, log-odds) tuples, strongest first; the result model is built from them
+    with the rest of the result (as the peaks are).
     """
     if not pkg.card.get("clinical_inputs", True):
         return []
     names = list(pkg.clinical.names)
     f = len(names)
     diff = attr[2] - attr[0]
-    per_fact = diff[:f] + diff[f : 2 * f]
+    per_fact = (diff[:f] + diff[f : 2 * f]).tolist()
+    bmi_derivable = facts.get("weight_kg") is not None and facts.get("height_m") is not None
     out = []
     for name, v in zip(names, per_fact, strict=True):
         base = name if name in facts else ("bmi" if name == "bmi_below_27" else name)
-        known = facts.get(base) is not None or (
-            name in ("bmi", "bmi_below_27")
-            and facts.get("weight_kg") is not None
-            and facts.get("height_m") is not None
-        )
-        out.append(Contribution(factor=name, known=known, log_odds=round(float(v), 3)))
-    return sorted(out, key=lambda c: -abs(c.log_odds))
+        known = facts.get(base) is not None or (name in ("bmi", "bmi_below_27") and bmi_derivable)
+        out.append((name, known, round(v, 3)))
+    out.sort(key=lambda c: -abs(c[2]))
+    return out

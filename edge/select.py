@@ -104,19 +104,21 @@ def _onnxruntime(pkg: ModelPackage, precision: str, threads: int | None) -> Choi
         raise Unavailable("fp16 runs on TensorRT only; ONNX Runtime here runs fp32 or int8")
     if precision == "fp32":
         return Choice(
-            OnnxRuntimeBackend(pkg.model_file("fp32"), threads, "fp32"), "fp32 as configured"
+            OnnxRuntimeBackend(pkg.model_file("fp32"), threads, "fp32", batch=1),
+            "fp32 as configured",
         )
     ok, why = int8_usable(pkg)
     if precision == "int8":
         if not ok:
             raise Unavailable(f"{pkg.name}: int8 asked but {why}")
         return Choice(
-            OnnxRuntimeBackend(pkg.model_file("int8"), threads, "int8"), "int8 as configured"
+            OnnxRuntimeBackend(pkg.model_file("int8"), threads, "int8", batch=1),
+            "int8 as configured",
         )
-    fp32 = OnnxRuntimeBackend(pkg.model_file("fp32"), threads, "fp32")
+    fp32 = OnnxRuntimeBackend(pkg.model_file("fp32"), threads, "fp32", batch=1)
     if not ok:
         return Choice(fp32, f"precision auto: fp32, because {why}")
-    int8 = OnnxRuntimeBackend(pkg.model_file("int8"), threads, "int8")
+    int8 = OnnxRuntimeBackend(pkg.model_file("int8"), threads, "int8", batch=1)
     size = int(pkg.card["input"]["image"][-1])
     rng = np.random.default_rng(0)
     image = rng.standard_normal((1, 1, size, size)).astype(np.float32)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge.backends.onnxruntime import BATCH_DIM
 from edge.package import CARD_SCHEMA, sha256_file
 from model.fusion import INPUT_NAMES, OUTPUT_NAMES, ExportModule
 from model.train import load_checkpoint
@@ -38,7 +39,7 @@ def export_onnx(module: torch.nn.Module, size: int, n_clinical: int, path: Path)
         output_names=list(OUTPUT_NAMES),
         opset_version=17,
         dynamo=False,
-        dynamic_axes={n: {0: "N"} for n in (*INPUT_NAMES, *OUTPUT_NAMES)},
+        dynamic_axes={n: {0: BATCH_DIM} for n in (*INPUT_NAMES, *OUTPUT_NAMES)},
     )
     os.replace(tmp, path)
 

@@ -221,6 +221,80 @@ def test_accepts_8_bit_image_with_odd_sized_padded_pixel_data(tmp_path: Path) ->
     np.testing.assert_array_equal(study.raw.pixels, px8)
 
 
+def _pydicom_raw(path: Path):
+    from edge.preprocess import raw_from_dataset
+
+    return raw_from_dataset(pydicom.dcmread(path))
+
+
+def _same_raw(a, b) -> None:
+    assert a.pixels.dtype == b.pixels.dtype and a.pixels.shape == b.pixels.shape
+    np.testing.assert_array_equal(a.pixels, b.pixels)
+    assert (a.photometric, a.slope, a.intercept, a.window, a.voi_lut_bits) == (
+        b.photometric,
+        b.slope,
+        b.intercept,
+        b.window,
+        b.voi_lut_bits,
+    )
+    assert (a.voi_lut is None) == (b.voi_lut is None)
+    if a.voi_lut is not None and b.voi_lut is not None:
+        assert a.voi_lut[0] == b.voi_lut[0]
+        np.testing.assert_array_equal(a.voi_lut[1], b.voi_lut[1])
+
+
+def _signed(ds: Dataset) -> None:
+    px = ds.pixel_array.astype(np.int32) - 2048  # negative values, 12 of 16 bits used
+    ds.PixelRepresentation = 1
+    ds.PixelData = px.astype(np.int16).tobytes()
+
+
+def _dirty_high_bits(ds: Dataset) -> None:
+    px = ds.pixel_array | np.uint16(0xA000)  # bits above Bits Stored set, as some writers do
+    ds.PixelData = px.astype(np.uint16).tobytes()
+
+
+NATIVE_VARIANTS = [
+    *[c for c in ACCEPTED if "compression" not in c[1]],
+    ("signed-12-of-16", {"edit": _signed}, "hand"),
+    ("unused-high-bits-set", {"edit": _dirty_high_bits}, "hand"),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [c[1] for c in NATIVE_VARIANTS], ids=[c[0] for c in NATIVE_VARIANTS]
+)
+def test_uncompressed_pixels_read_directly_equal_pydicoms_decode(
+    tmp_path: Path, kwargs: dict
+) -> None:
+    # Uncompressed files skip the second parse (edge.ingest._native_pass): everything
+    # preprocessing sees must be exactly what pydicom's full read gives.
+    path, _ = _write(tmp_path / "in.dcm", **kwargs)
+    _same_raw(load_study(path, CFG, SITES).raw, _pydicom_raw(path))
+
+
+def test_a_file_written_to_while_it_is_read_is_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge.ingest as ingest
+
+    path, _ = _write(tmp_path / "in.dcm", windowing="window")
+    header_pass = ingest._header_pass
+
+    def then_written(fh, size, cfg):  # a writer still at work after the header was read
+        out = header_pass(fh, size, cfg)
+        with path.open("r+b") as f:
+            f.seek(-2, os.SEEK_END)
+            f.write(b"\x01\x02")
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        return out
+
+    monkeypatch.setattr(ingest, "_header_pass", then_written)
+    assert _rejected(path).rule == "pixel_data"
+    assert "changed while it was being read" in str(_rejected(path))
+
+
 def test_accepted_study_feeds_preprocessing_and_clinical_vector(tmp_path: Path) -> None:
     path, _ = _write(tmp_path / "in.dcm", windowing="window", photometric="MONOCHROME1")
     study = load_study(path, CFG, SITES)

@@ -20,7 +20,10 @@ from edge.overlay import (
     HEAT_FLOOR,
     NOTICE,
     _caption_lines,
+    _clean_cam,
     _layout,
+    _on_image,
+    _work_shape,
     cam_to_display,
     encode_jpeg,
     encode_png,
@@ -209,6 +212,75 @@ def test_any_geometry_gives_a_finite_map_and_peaks_inside_the_image(
         assert weights[0] == 1.0
     for p in peaks:
         assert 0.0 <= p["x"] <= 1.0 and 0.0 <= p["y"] <= 1.0 and 0.0 < p["weight"] <= 1.0
+
+
+def _reference_peaks(cam_hw: np.ndarray, geom: Geometry, k: int = 3) -> list[dict]:
+    """peak_regions written plainly with whole-array masks (its first version)."""
+    cam = _clean_cam(cam_hw)
+    if cam is None or k <= 0:
+        return []
+    cam = np.where(_on_image(cam.shape, geom), np.maximum(cam, 0.0), np.float32(0.0))
+    is_max = (cam >= cv2.dilate(cam, np.ones((3, 3), np.uint8))) & (cam > 0)
+    rows, cols = np.nonzero(is_max)
+    if rows.size == 0:
+        return []
+    order = np.argsort(-cam[rows, cols], kind="stable")
+    top = float(cam[rows[order[0]], cols[order[0]]])
+    fh, fw = cam.shape
+    s = geom.size
+    ir0, ir1, ic0, ic1 = geom.input_box()
+    wh, ww = _work_shape(geom)
+    r0, r1, c0, c1 = geom.crop
+
+    def sub(line: np.ndarray, i: int) -> float:
+        if i in (0, line.size - 1):
+            return 0.0
+        a, m, b = float(line[i - 1]), float(line[i]), float(line[i + 1])
+        curv = a - 2.0 * m + b
+        return 0.0 if curv >= 0.0 else float(np.clip(0.5 * (a - b) / curv, -0.5, 0.5))
+
+    kept: list[tuple[int, int]] = []
+    out = []
+    for i in order:
+        r, c = int(rows[i]), int(cols[i])
+        if any(np.hypot(r - kr, c - kc) < 2.0 for kr, kc in kept):
+            continue
+        kept.append((r, c))
+        y_in = (r + 0.5 + sub(cam[:, c], r)) * s / fh
+        x_in = (c + 0.5 + sub(cam[r, :], c)) * s / fw
+        y = (r0 + (y_in - ir0) * (r1 - r0) / max(ir1 - ir0, 1)) / wh
+        x = (c0 + (x_in - ic0) * (c1 - c0) / max(ic1 - ic0, 1)) / ww
+        out.append(
+            {
+                "x": round(min(max(x, 0.0), 1.0), 4),
+                "y": round(min(max(y, 0.0), 1.0), 4),
+                "weight": round(float(cam[r, c]) / top, 4),
+            }
+        )
+        if len(out) == k:
+            break
+    return out
+
+
+@given(
+    _geometries(),
+    st.integers(1, 24),
+    st.integers(1, 24),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0, 3, 8]),
+    st.integers(0, 5),
+)
+def test_peaks_equal_the_plain_whole_array_version(
+    geom: Geometry, fh: int, fw: int, seed: int, levels: int, k: int
+) -> None:
+    # Quantised values make plateaus and ties; a few non-finite cells are cleaned alike.
+    rng = np.random.default_rng(seed)
+    cam = rng.normal(0.0, 1.0, (fh, fw)).astype(np.float32)
+    if levels:
+        cam = np.round(cam * levels) / levels
+    if seed % 5 == 0:
+        cam.flat[rng.integers(0, cam.size, 2)] = [np.nan, np.inf]
+    assert peak_regions(cam, geom, k=k) == _reference_peaks(cam, geom, k=k)
 
 
 def test_peaks_are_ordered_distinct_and_limited_to_k() -> None:
@@ -419,3 +491,26 @@ def test_jpeg_for_the_local_screen_decodes() -> None:
     out = _render(_stripes(300, 300), _blob_heat(300, 300))
     back = _decode(encode_jpeg(out))
     assert back.shape == out.shape
+
+
+@pytest.mark.parametrize("include_image", [True, False])
+def test_the_table_blend_is_within_one_grey_level_of_the_float_blend(include_image: bool) -> None:
+    from edge.overlay import ALPHA_WITH_IMAGE, ALPHA_WITHOUT_IMAGE, NEUTRAL, _blend
+
+    rng = np.random.default_rng(0)
+    display = rng.integers(0, 256, (300, 200), dtype=np.uint8)
+    heat = rng.random((300, 200)).astype(np.float32)
+    h8 = cv2.convertScaleAbs(heat, alpha=255.0)
+    if include_image:
+        base = cv2.cvtColor(display, cv2.COLOR_GRAY2BGR)
+        alpha_max = ALPHA_WITH_IMAGE
+    else:
+        base = np.full((300, 200, 3), NEUTRAL, np.uint8)
+        alpha_max = ALPHA_WITHOUT_IMAGE
+    levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    lut = np.clip((levels - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0) * np.float32(alpha_max)
+    alpha = lut.astype(np.float32)[h8]
+    colour = cv2.applyColorMap(h8, cv2.COLORMAP_JET)
+    expected = cv2.blendLinear(colour, base, alpha, 1.0 - alpha).astype(int)
+    got = _blend(display, heat, (200, 300), include_image).astype(int)
+    assert np.abs(got - expected).max() <= 1

@@ -57,3 +57,19 @@ def test_package_runs_on_a_simulated_radiograph_and_flags_probes(model_dir: Path
         sq, _ = preprocess_to_uint8(probe, pkg.preprocess)
         ood = float(backend.run(normalise(sq, pkg.preprocess)[None], clin)["ood"][0, 0])
         assert ood > threshold, name
+
+
+@pytest.mark.parametrize("model_dir", MODELS, ids=[p.name for p in MODELS])
+def test_a_batch_of_one_fixed_at_load_gives_the_same_outputs(model_dir: Path) -> None:
+    # The device fixes N = 1 so ONNX Runtime folds the CAM's shape arithmetic at load time.
+    pkg = load_package(model_dir)
+    size = int(pkg.card["input"]["image"][-1])
+    rng = np.random.default_rng(5)
+    image = rng.standard_normal((1, 1, size, size)).astype(np.float32)
+    clinical = np.zeros((1, pkg.clinical.width), np.float32)
+    files = pkg.card.get("files", {})
+    for precision in ("fp32", "int8") if "model.int8.onnx" in files else ("fp32",):
+        free = OnnxRuntimeBackend(pkg.model_file(precision)).run(image, clinical)
+        fixed = OnnxRuntimeBackend(pkg.model_file(precision), batch=1).run(image, clinical)
+        for name, value in free.items():
+            np.testing.assert_allclose(fixed[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
