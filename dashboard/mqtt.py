@@ -1,9 +1,14 @@
 """The dashboard's MQTT subscriber (paho-mqtt 2.x), one network thread we own.
 
-- **Shared subscription** ``$share/osteofy-dashboard/osteofy/v1/+/+/#`` (MQTT 5): several
-  dashboard instances split the messages between them. Shared subscriptions never replay
-  *retained* messages (MQTT 5, 4.8.2), so each instance also subscribes, unshared, to the
-  retained ``status`` topics: a new instance learns who is online at once. A status that
+- **Plain subscription** ``osteofy/v1/+/+/#`` by default: every instance receives every
+  message and storage by key keeps each once. **Shared subscription**
+  ``$share/GROUP/osteofy/v1/+/+/#`` (MQTT 5) when ``dashboard.shared_group`` is set: several
+  instances split the messages. Not the default because Mosquitto 2.0 drops a shared group's
+  messages published after a broker restart until a member has subscribed again (measured:
+  1000 of 1000 lost with the group's only member still reconnecting; a plain subscription
+  lost none), and each device deletes a result once the broker has acknowledged it.
+  Shared subscriptions never replay *retained* messages (MQTT 5, 4.8.2), so a sharing
+  instance also subscribes, unshared, to the retained ``status`` topics. A status that
   arrives twice is simply written twice (an idempotent upsert).
 - **3.1.1 fallback**: when the broker answers "unsupported protocol version", reconnect with
   MQTT 3.1.1 and a plain subscription (every instance then gets everything; storage by key
@@ -46,7 +51,6 @@ from osteofy.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-GROUP = "osteofy-dashboard"
 TOPIC_FILTER = "osteofy/v1/+/+/#"
 STATUS_FILTER = "osteofy/v1/+/+/status"
 SESSION_EXPIRY_S = 24 * 3600  # a dashboard down longer than a day starts afresh
@@ -121,7 +125,7 @@ class Subscriber:
         self,
         settings: BrokerSettings,
         handler: Handler,
-        group: str = GROUP,
+        group: str | None = None,
         max_batch: int = DEFAULT_BATCH,
     ) -> None:
         if max_batch < 1:
@@ -262,7 +266,7 @@ class Subscriber:
         client.subscribe(self._filters())
 
     def _filters(self) -> list[tuple[str, Any]]:
-        if self.protocol == 5 and self.shared:
+        if self.protocol == 5 and self.shared and self.group:
             opts = SubscribeOptions(qos=1)
             return [(f"$share/{self.group}/{TOPIC_FILTER}", opts), (STATUS_FILTER, opts)]
         if self.protocol == 5:
@@ -276,7 +280,7 @@ class Subscriber:
         if not failed:
             self.subscribed.set()
             return
-        if self.shared and any(r.value == SHARED_NOT_SUPPORTED for r in failed):
+        if self.shared and self.group and any(r.value == SHARED_NOT_SUPPORTED for r in failed):
             log.warning("MQTT: broker refused shared subscriptions; subscribing plainly")
             self.shared = False
             client.subscribe(self._filters())

@@ -55,7 +55,9 @@ class Dashboard:
         self.store = open_store(cfg.dashboard.db_url)
         ingest = Ingest(self.store, self.counters)
         self.subscriber = (
-            Subscriber(broker, ingest.handle, max_batch=max_batch) if broker is not None else None
+            Subscriber(broker, ingest.handle, group=cfg.dashboard.shared_group, max_batch=max_batch)
+            if broker is not None
+            else None
         )
         access = Access(token, users, open_pages=open_pages)
         app = App(self.store, access, self.stats)

@@ -88,6 +88,11 @@ class DashboardConfig(_Strict):
     api_token_file: Path | None = None
     users_file: Path | None = None  # name:pbkdf2_sha256$… lines (python -m dashboard.auth NAME)
     client_id: str | None = None  # MQTT client id (the persistent session is found by it)
+    # MQTT 5 shared-subscription group, for several instances splitting the messages. Unset:
+    # a plain subscription (each instance gets everything; storage by key keeps it once).
+    # Mosquitto 2.0 loses a shared group's messages published after a broker restart while
+    # no member is connected (docs/dashboard.md), so sharing is a choice, not the default.
+    shared_group: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     open_pages: bool = False  # without a users file: pages open to localhost (a banner says so)
 
 

@@ -532,13 +532,20 @@ def test_broker_settings_from_config(tmp_path: Path) -> None:
         broker_settings(Config(mqtt={"password_file": tmp_path / "missing"}))
 
 
-def test_subscriptions_shared_on_5_plain_on_311() -> None:
-    sub = Subscriber(BrokerSettings(host="127.0.0.1", port=1, client_id="x"), lambda t, p: True)
-    v5 = [f for f, _ in sub._filters()]
+def test_subscriptions_plain_by_default_shared_only_in_a_configured_group() -> None:
+    settings = BrokerSettings(host="127.0.0.1", port=1, client_id="x")
+    plain = Subscriber(settings, lambda t, p: True)
+    assert [f for f, _ in plain._filters()] == ["osteofy/v1/+/+/#"]
+    sub = Subscriber(settings, lambda t, p: True, group="central")
     # Shared subscriptions get no retained messages (MQTT 5, 4.8.2): "status" also unshared.
-    assert v5 == ["$share/osteofy-dashboard/osteofy/v1/+/+/#", "osteofy/v1/+/+/status"]
+    assert [f for f, _ in sub._filters()] == [
+        "$share/central/osteofy/v1/+/+/#",
+        "osteofy/v1/+/+/status",
+    ]
     sub.protocol = 3
     assert [f for f, _ in sub._filters()] == ["osteofy/v1/+/+/#"]
+    with pytest.raises(ValueError):
+        Config(dashboard={"shared_group": "a/b"})  # a topic level of its own, nothing else
 
 
 # --- MQTT round trips ------------------------------------------------------------------------
@@ -660,8 +667,12 @@ def test_two_instances_share_the_load(
         if backend == "sqlite"
         else str(request.getfixturevalue("pg_url"))
     )
-    a = start_dashboard(make_config(broker, url, None), "dash-a")
-    b = start_dashboard(make_config(broker, url, None), "dash-b")
+    base = make_config(broker, url, None)
+    cfg = base.model_copy(
+        update={"dashboard": base.dashboard.model_copy(update={"shared_group": "central"})}
+    )
+    a = start_dashboard(cfg, "dash-a")
+    b = start_dashboard(cfg, "dash-b")
     try:
         sent = [make_result(device=f"edge-{i % 3}") for i in range(20)]
         publish(broker, [(topic(SITE, r["device_id"], "result"), js(r), 1, False) for r in sent])
@@ -675,6 +686,35 @@ def test_two_instances_share_the_load(
     finally:
         a.close()
         b.close()
+
+
+def test_results_published_after_a_broker_restart_wait_for_a_dashboard_still_down(
+    tmp_path: Path, token_file: Path
+) -> None:
+    # Central power cut: the broker restarts and the devices, quicker than the dashboard, send
+    # their queued results at once; each device then deletes what the broker acknowledged.
+    # Mosquitto 2.0 dropped every one of them for a shared subscription (its only member not
+    # yet back); the default plain subscription keeps them all in the restored session.
+    if MOSQUITTO is None:
+        pytest.skip("Mosquitto is not installed (apt install mosquitto)")
+    b = Mosquitto(tmp_path / "broker", persistence=True)
+    b.start()
+    try:
+        cfg = make_config(b.port, f"sqlite:///{tmp_path / 'd.sqlite'}", token_file)
+        start_dashboard(cfg, "dash-r").close()  # its persistent session and subscription
+        b.stop()
+        b.start()  # the session comes back from the persistence file
+        sent = [make_result() for _ in range(50)]
+        publish(b.port, [(topic(SITE, DEVICE, "result"), js(r), 1, False) for r in sent])
+        d = start_dashboard(cfg, "dash-r")
+        try:
+            assert wait_until(lambda: d.counters.get("result_stored") == 50), d.counters.snapshot()
+            stored = api(d.web.port, "/api/results?limit=100")
+            assert sorted(r["result_id"] for r in stored) == sorted(r["result_id"] for r in sent)
+        finally:
+            d.close()
+    finally:
+        b.stop()
 
 
 def test_persistent_session_keeps_messages_while_down(

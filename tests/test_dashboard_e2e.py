@@ -169,8 +169,10 @@ def test_500_results_queued_during_a_broker_outage_are_stored_once_each(
         assert device.outbox.stats()["depth"] == 1000  # each result and its overlay
         broker.start()  # same port; its sessions come back from its persistence file
         assert wait_until(lambda: device.outbox.stats()["depth"] == 0, 60)
-        assert wait_until(lambda: d.counters.get("result_stored") >= 500, 30)
-        assert wait_until(lambda: d.counters.get("overlay_stored") >= 500, 30)
+        assert wait_until(lambda: d.counters.get("result_stored") >= 500, 30), d.counters.snapshot()
+        assert wait_until(lambda: d.counters.get("overlay_stored") >= 500, 30), (
+            d.counters.snapshot()
+        )
         ids = stored(d)
         assert len(ids) == len(set(ids)) == 500
         assert set(ids) == {p["result_id"] for p in sent}
