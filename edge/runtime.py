@@ -155,6 +155,8 @@ class Screener:
                     precision or cfg.precision,
                     cfg.data_dir / "engines",
                     threads,
+                    decisions=cfg.data_dir / "precision.json",
+                    record=create_secret,  # a read-only check (doctor) writes nothing
                 )
             except Unavailable as exc:
                 self.problems[site] = str(exc)

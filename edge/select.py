@@ -6,14 +6,21 @@ Rules (STYLE.md, habit 4 — no silent downgrade):
   else ONNX Runtime, and the reason is recorded (shown by ``osteofy doctor``, the status topic
   and the log). ``backend: tensorrt`` asked explicitly fails when TensorRT cannot run.
 * ``precision: auto`` on ONNX Runtime runs INT8 only when the package's INT8 file passed the
-  fidelity gates, and only when it is faster *on this CPU* (measured at start, interleaved,
-  a fraction of a second): on CPUs without fast INT8 instructions FP32 wins.
+  fidelity gates, and only when it is faster *on this CPU* (measured interleaved, a fraction
+  of a second): on CPUs without fast INT8 instructions FP32 wins. The measurement is kept in
+  ``<data_dir>/precision.json``, keyed by both model files' sha256, the CPU, the thread count
+  and the ONNX Runtime version, so a restart (after a power cut, say) does not repeat it;
+  any change to those measures again, and deleting the file does too.
 * An explicit precision is honoured or refused, never replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +72,11 @@ def choose(
     precision: str = "auto",
     engine_cache: Path | None = None,
     threads: int | None = None,
+    decisions: Path | None = None,
+    record: bool = True,
 ) -> Choice:
+    """``decisions``: the file of earlier ``precision: auto`` measurements (read, and written
+    when ``record``); None measures every time."""
     if backend not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
@@ -79,7 +90,7 @@ def choose(
                 raise
             trt_reason = "TensorRT not available (see `osteofy doctor`); "
             log.debug("%s: TensorRT not used: %s", pkg.name, exc)
-    choice = _onnxruntime(pkg, precision, threads)
+    choice = _onnxruntime(pkg, precision, threads, decisions, record)
     choice.reason = trt_reason + choice.reason
     return choice
 
@@ -99,7 +110,13 @@ def _tensorrt(pkg: ModelPackage, precision: str, cache: Path | None) -> Choice:
     return Choice(b, f"TensorRT {device.tensorrt_version} on {device.gpu_name}, {want} engine")
 
 
-def _onnxruntime(pkg: ModelPackage, precision: str, threads: int | None) -> Choice:
+def _onnxruntime(
+    pkg: ModelPackage,
+    precision: str,
+    threads: int | None,
+    decisions: Path | None = None,
+    record: bool = True,
+) -> Choice:
     if precision == "fp16":
         raise Unavailable("fp16 runs on TensorRT only; ONNX Runtime here runs fp32 or int8")
     if precision == "fp32":
@@ -118,6 +135,21 @@ def _onnxruntime(pkg: ModelPackage, precision: str, threads: int | None) -> Choi
     fp32 = OnnxRuntimeBackend(pkg.model_file("fp32"), threads, "fp32", batch=1)
     if not ok:
         return Choice(fp32, f"precision auto: fp32, because {why}")
+    key = _decision_key(pkg, threads)
+    known = _recall(decisions, key)
+    if known is not None:
+        faster, lat, when = known
+        reason = (
+            f"precision auto: {faster} is faster on this CPU (measured {when}: p50 fp32 "
+            f"{lat['fp32']['p50_ms']:.1f} ms, int8 {lat['int8']['p50_ms']:.1f} ms; kept in "
+            f"{decisions} for these model files, this CPU and ONNX Runtime); {why}"
+        )
+        log.info("%s: %s", pkg.name, reason)
+        if faster == "fp32":
+            return Choice(fp32, reason, lat)
+        return Choice(
+            OnnxRuntimeBackend(pkg.model_file("int8"), threads, "int8", batch=1), reason, lat
+        )
     int8 = OnnxRuntimeBackend(pkg.model_file("int8"), threads, "int8", batch=1)
     size = int(pkg.card["input"]["image"][-1])
     rng = np.random.default_rng(0)
@@ -130,4 +162,74 @@ def _onnxruntime(pkg: ModelPackage, precision: str, threads: int | None) -> Choi
         f"{lat['fp32']['p50_ms']:.1f} ms, int8 {lat['int8']['p50_ms']:.1f} ms); {why}"
     )
     log.info("%s: %s", pkg.name, reason)
+    if decisions is not None and record:
+        _remember(decisions, key, faster, lat)
     return Choice(int8 if faster == "int8" else fp32, reason, lat)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _decision_key(pkg: ModelPackage, threads: int | None) -> str:
+    """What a precision measurement depends on, hashed: the models, the CPU, the runtime."""
+    import onnxruntime as ort
+
+    files = pkg.card.get("files", {})
+    parts = [
+        files.get("model.onnx", ""),
+        files.get("model.int8.onnx", ""),
+        _cpu_name(),
+        str(os.cpu_count()),
+        str(threads or 0),
+        ort.__version__,
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _read_decisions(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        log.warning("%s: unreadable, precision will be measured again", path)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _recall(path: Path | None, key: str) -> tuple[str, dict, str] | None:
+    if path is None:
+        return None
+    entry = _read_decisions(path).get(key)
+    if not isinstance(entry, dict):
+        return None
+    try:
+        faster = entry["faster"]
+        lat = {p: {"p50_ms": float(entry["latency_ms"][p]["p50_ms"])} for p in ("fp32", "int8")}
+        when = str(entry["measured_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (faster, lat, when) if faster in ("fp32", "int8") else None
+
+
+def _remember(path: Path, key: str, faster: str, lat: dict) -> None:
+    from osteofy.fsutil import atomic_write_bytes
+
+    data = _read_decisions(path)
+    data[key] = {
+        "faster": faster,
+        "latency_ms": {p: {"p50_ms": lat[p]["p50_ms"]} for p in ("fp32", "int8")},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+    except OSError as exc:  # a full or read-only disk: measured again at the next start
+        log.warning("%s: precision choice not kept (%s)", path, exc.strerror)

@@ -269,3 +269,38 @@ def test_a_restart_removes_half_written_overlays_but_never_a_study(device_scans,
     again = EdgeService(device_config)
     assert not stale.exists() and study.exists()
     again.close()
+
+
+def test_precision_auto_is_measured_once_then_kept_per_model_and_cpu(
+    device_config, tmp_path, monkeypatch
+):
+    import json
+
+    import edge.select as select
+    from edge.runtime import Screener
+
+    cfg = device_config.model_copy(update={"precision": "auto"})
+    calls = []
+    measure = select.interleaved
+    monkeypatch.setattr(
+        select, "interleaved", lambda *a, **k: calls.append(1) or measure(*a, **k)
+    )
+    first = Screener(cfg)
+    measured = len(calls)
+    assert measured == len(first.models) >= 1  # every site with an INT8 file, once
+    kept = json.loads((cfg.data_dir / "precision.json").read_text())
+    assert len(kept) == measured
+    again = Screener(cfg)  # a restart: nothing measured, the same choice, the reason says why
+    assert len(calls) == measured
+    for site, m in again.models.items():
+        assert m.choice.backend.precision == first.models[site].choice.backend.precision
+        assert "kept in" in m.choice.reason
+    # Another CPU (or model file, or runtime version) is another key: measured again.
+    monkeypatch.setattr(select, "_cpu_name", lambda: "another CPU")
+    Screener(cfg)
+    assert len(calls) == 2 * measured
+    # A damaged file is measured over, not trusted; a read-only check (doctor) writes nothing.
+    (cfg.data_dir / "precision.json").write_text("{not json")
+    Screener(cfg, create_secret=False)
+    assert len(calls) == 3 * measured
+    assert (cfg.data_dir / "precision.json").read_text() == "{not json"
