@@ -38,6 +38,7 @@ def test_headline_figures(quick_result: dict) -> None:
     assert res["peak_rss_mb"] > 0
     assert res["cold_start_s"] > 0
     assert res["cold_start"]["breakdown_s"]["model_load_s"] > 0
+    assert res["cold_start"]["restart_first_result_s"] > 0  # the precision choice kept
     assert {t["name"] for t in res["targets"]} == {
         "total_ms_p50",
         "explanation_overhead_pct",
