@@ -267,18 +267,11 @@ def markdown(res: dict) -> str:
 
 
 def run(quick: bool, models_dir: Path) -> dict:
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import os
 
+    from edge.latency import cpu_name
+
+    cpu = cpu_name()
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{cpu}, {os.cpu_count()} cores",

@@ -409,14 +409,9 @@ def commit_ms(runs: int = 200) -> float:
 
 
 def machine() -> dict:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from edge.latency import cpu_name
+
+    cpu = cpu_name()
     version = subprocess.run([str(MOSQUITTO), "-h"], capture_output=True, text=True).stdout
     return {
         "cpu": cpu,

@@ -794,14 +794,9 @@ def _model_p50(rows: list[dict]) -> float | None:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from edge.latency import cpu_name
+
+    cpu = cpu_name()
 
     def version(dist: str) -> str | None:
         try:

@@ -640,6 +640,13 @@ def _check_raw(raw: RawImage, header: Header, lut_entries: int | None) -> str | 
     return None
 
 
+def _checked(raw: RawImage, header: Header, lut_entries: int | None) -> RawImage:
+    problem = _check_raw(raw, header, lut_entries)
+    if problem:
+        raise _reject(problem, "pixel_data")
+    return raw
+
+
 def _pixel_pass(fh: _CappedFile, header: Header, ds: Dataset, cfg: IngestConfig) -> RawImage:
     if header.transfer_syntax in NATIVE and header.bits_allocated in (8, 16):
         return _native_pass(fh, header, ds)
@@ -659,10 +666,7 @@ def _pixel_pass(fh: _CappedFile, header: Header, ds: Dataset, cfg: IngestConfig)
     except Exception as exc:  # decoders (pydicom, pylibjpeg, openjpeg) fail in many ways
         log.debug("pixel decode failed: %s", type(exc).__name__)
         raise _reject("the image data could not be decoded (corrupt file)", "pixel_data") from None
-    problem = _check_raw(raw, header, lut_entries)
-    if problem:
-        raise _reject(problem, "pixel_data")
-    return raw
+    return _checked(raw, header, lut_entries)
 
 
 def _native_pass(fh: _CappedFile, header: Header, ds: Dataset) -> RawImage:
@@ -706,10 +710,7 @@ def _native_pass(fh: _CappedFile, header: Header, ds: Dataset) -> RawImage:
     except Exception as exc:  # a deferred or malformed header value read only now
         log.debug("header value unreadable: %s", type(exc).__name__)
         raise _reject("the image data could not be decoded (corrupt file)", "pixel_data") from None
-    problem = _check_raw(raw, header, lut_entries)
-    if problem:
-        raise _reject(problem, "pixel_data")
-    return raw
+    return _checked(raw, header, lut_entries)
 
 
 def load_study(

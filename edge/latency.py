@@ -8,8 +8,10 @@ moment of the machine hurts both alike. Used by ``osteofy quantize`` (FP32 vs IN
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
@@ -48,3 +50,15 @@ def interleaved(
         }
         for k, v in times.items()
     }
+
+
+def cpu_name() -> str:
+    """The CPU's model name (x86 ``model name``, Arm ``Model``/``Hardware``), else the
+    architecture: a latency figure means little without it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine

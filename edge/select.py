@@ -28,7 +28,7 @@ import numpy as np
 
 from edge.backends import Backend
 from edge.backends.onnxruntime import OnnxRuntimeBackend
-from edge.latency import interleaved
+from edge.latency import cpu_name, interleaved
 from edge.package import ModelPackage
 from osteofy.errors import Unavailable, UsageError
 
@@ -167,16 +167,6 @@ def _onnxruntime(
     return Choice(int8 if faster == "int8" else fp32, reason, lat)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model", "Hardware")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return os.uname().machine
-
-
 def _decision_key(pkg: ModelPackage, threads: int | None) -> str:
     """What a precision measurement depends on, hashed: the models, the CPU, the runtime."""
     import onnxruntime as ort
@@ -185,7 +175,7 @@ def _decision_key(pkg: ModelPackage, threads: int | None) -> str:
     parts = [
         files.get("model.onnx", ""),
         files.get("model.int8.onnx", ""),
-        _cpu_name(),
+        cpu_name(),
         str(os.cpu_count()),
         str(threads or 0),
         ort.__version__,

@@ -282,9 +282,7 @@ def test_precision_auto_is_measured_once_then_kept_per_model_and_cpu(
     cfg = device_config.model_copy(update={"precision": "auto"})
     calls = []
     measure = select.interleaved
-    monkeypatch.setattr(
-        select, "interleaved", lambda *a, **k: calls.append(1) or measure(*a, **k)
-    )
+    monkeypatch.setattr(select, "interleaved", lambda *a, **k: calls.append(1) or measure(*a, **k))
     first = Screener(cfg)
     measured = len(calls)
     assert measured == len(first.models) >= 1  # every site with an INT8 file, once
@@ -296,7 +294,7 @@ def test_precision_auto_is_measured_once_then_kept_per_model_and_cpu(
         assert m.choice.backend.precision == first.models[site].choice.backend.precision
         assert "kept in" in m.choice.reason
     # Another CPU (or model file, or runtime version) is another key: measured again.
-    monkeypatch.setattr(select, "_cpu_name", lambda: "another CPU")
+    monkeypatch.setattr(select, "cpu_name", lambda: "another CPU")
     Screener(cfg)
     assert len(calls) == 2 * measured
     # A damaged file is measured over, not trusted; a read-only check (doctor) writes nothing.
