@@ -1235,8 +1235,11 @@ def _notes(res: dict) -> list[str]:
         out.append(f"- {label}, ours: {top} of {total:.1f} ms total p50.")
     out += [
         "- JPEG 2000 lossless decode (pydicom + OpenJPEG, full resolution) is the cost of "
-        "compressed input; decoding at reduced resolution would be the lever (the model needs "
-        "the image at 768 px working resolution, not 2k).",
+        "compressed input. Decoding at reduced resolution would be the lever (the model needs "
+        "the image at 768 px working resolution, not 2k), but neither decoder here offers it: "
+        "pylibjpeg-openjpeg 2.6 has no resolution-reduction option, and OpenCV's "
+        "IMREAD_REDUCED_* decodes the full image and then shrinks it (measured on a 2048 x 1667 "
+        "hip: 772 ms reduced vs 823 ms full).",
         "- The baseline is the generous variant of research code: one grad-mode forward for all "
         "three classes' backward passes, and no CAM upsampling to the input size.",
     ]
