@@ -1238,8 +1238,7 @@ def _notes(res: dict) -> list[str]:
         "compressed input. Decoding at reduced resolution would be the lever (the model needs "
         "the image at 768 px working resolution, not 2k), but neither decoder here offers it: "
         "pylibjpeg-openjpeg 2.6 has no resolution-reduction option, and OpenCV's "
-        "IMREAD_REDUCED_* decodes the full image and then shrinks it (measured on a 2048 x 1667 "
-        "hip: 772 ms reduced vs 823 ms full).",
+        "IMREAD_REDUCED_* decodes the full image and then shrinks it.",
         "- The baseline is the generous variant of research code: one grad-mode forward for all "
         "three classes' backward passes, and no CAM upsampling to the input size.",
     ]
