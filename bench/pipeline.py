@@ -14,8 +14,8 @@ in alternating order so a slow moment of the shared machine hurts every pipeline
 * ours: ``edge.runtime.Screener`` (precision ``auto``; ``fp32`` and ``int8`` rows too when a
   package ships ``model.int8.onnx``): decode, preprocess, inference (ONNX Runtime, every
   output from one forward pass, Grad-CAM in the graph, then the OOD gate), explanation
-  (host side: heat-map peaks, clinical contributions) and render (overlay compose + JPEG for the local
-  screen). The PNG for MQTT is timed apart: it is encoded after the result, off the
+  (host side: heat-map peaks, clinical contributions) and render (overlay compose + JPEG
+  for the local screen). The PNG for MQTT is timed apart: it is encoded after the result, off the
   critical path. The worker imports only the edge runtime, so its peak RSS is the device's.
 * baseline: the same decode, preprocessing and render, with the SAME model in PyTorch FP32
   eager (weights read from ``model.onnx``; BatchNorm is folded there, so the backbone is
