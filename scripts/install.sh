@@ -54,35 +54,8 @@ usage() {
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
 }
 
-die() {
-    printf 'install.sh: %s\n' "$*" >&2
-    exit 2
-}
-
-log() {
-    printf '==> %s\n' "$*" >&2
-}
-
-warn() {
-    printf 'warning: %s\n' "$*" >&2
-}
-
-# Commands that change the machine outside the files of the tree (packages, users, ownership,
-# the venv, services): run them, or under --dry-run print them.
-run() {
-    if [ "$DRY_RUN" -eq 1 ]; then
-        printf 'dry-run:'
-        printf ' %q' "$@"
-        printf '\n'
-    else
-        "$@"
-    fi
-}
-
-# The path of an installed file: under --root, inside DIR.
-T() {
-    printf '%s%s' "$ROOT" "$1"
-}
+# shellcheck source=scripts/_admin.sh
+. "$(dirname "${BASH_SOURCE[0]}")/_admin.sh"
 
 while [ "$#" -gt 0 ]; do
     case "$1" in

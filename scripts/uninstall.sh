@@ -23,29 +23,8 @@ UNITS=/etc/systemd/system
 ALL_UNITS=(osteofy-kiosk.service osteofy-edge.service osteofy-bridge.service
     osteofy-build-engine.service osteofy-dashboard.service)
 
-die() {
-    printf 'uninstall.sh: %s\n' "$*" >&2
-    exit 2
-}
-
-log() {
-    printf '==> %s\n' "$*" >&2
-}
-
-# Commands that change the machine outside the tree's files: run them, or print them.
-run() {
-    if [ "$DRY_RUN" -eq 1 ]; then
-        printf 'dry-run:'
-        printf ' %q' "$@"
-        printf '\n'
-    else
-        "$@"
-    fi
-}
-
-T() {
-    printf '%s%s' "$ROOT" "$1"
-}
+# shellcheck source=scripts/_admin.sh
+. "$(dirname "${BASH_SOURCE[0]}")/_admin.sh"
 
 while [ "$#" -gt 0 ]; do
     case "$1" in

@@ -329,7 +329,11 @@ def test_uninstall_keeps_data_unless_purged(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_the_scripts_pass_shellcheck() -> None:
     scripts = [INSTALL, UNINSTALL, ROOT / "systemd/osteofy-build-engines"]
-    proc = subprocess.run(
-        ["shellcheck", *map(str, scripts)], capture_output=True, text=True, timeout=60
+    proc = subprocess.run(  # -x: follow the helpers they source (scripts/_admin.sh)
+        ["shellcheck", "-x", *map(str, scripts)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout
