@@ -8,7 +8,6 @@ the package, version and each file's sha256), so a clinic can show which model r
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,9 @@ from edge.audit import audit_event
 from edge.clinical import ClinicalSpec
 from edge.preprocess import PreprocessConfig
 from osteofy.errors import Unavailable
+from osteofy.fsutil import sha256_file
+
+__all__ = ["CARD_SCHEMA", "PRECISION_FILES", "ModelPackage", "load_package", "sha256_file"]
 
 CARD_SCHEMA = "osteofy.card.v1"
 PRECISION_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
@@ -42,14 +44,6 @@ class ModelPackage:
         if name is None or name not in self.card.get("files", {}):
             raise Unavailable(f"model {self.name} has no {precision} file")
         return self.path / name
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _refuse(path: Path, check: str, message: str) -> Unavailable:

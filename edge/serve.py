@@ -45,21 +45,13 @@ from edge.runtime import Outcome, Screener
 from edge.store import ResultStore
 from osteofy.config import Config
 from osteofy.errors import InputRejected, Unavailable
-from osteofy.fsutil import atomic_write_bytes, fsync_dir
+from osteofy.fsutil import atomic_write_bytes, fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
 SKIP_SUFFIXES = (".json", ".tmp", ".partial")
 POLL_S = 0.2
 RETRY_S = 5.0
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _move(src: Path, dst_dir: Path) -> Path:
@@ -160,7 +152,7 @@ class EdgeService:
 
     def process(self, path: Path) -> str:
         """Handle one claimed study; returns 'result', 'rejected' or 'duplicate'."""
-        digest = _digest(path)
+        digest = sha256_file(path)
         if self.store.seen(digest):
             self._finish(path)
             return "duplicate"

@@ -39,6 +39,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydicom import uid as U
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
@@ -64,6 +65,7 @@ __all__ = [
 ]
 
 from edge.audit import audit_event
+from edge.ingest import J2K, JPEG
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +75,14 @@ STORAGE_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.1.1": "DX Image Storage - For Presentation",
     "1.2.840.10008.5.1.4.1.1.1.1.1": "DX Image Storage - For Processing",
 }
-# What the device runtime can decode (edge.ingest.TRANSFER_SYNTAXES; a test keeps them equal).
-# Native first: a sender that offers several gets the cheapest to decode.
+# What the device runtime can decode (edge.ingest's sets, so the two cannot drift apart), in
+# the order offered to a sender that proposes several: native first (nothing to decode), then
+# JPEG 2000, then JPEG lossless and JPEG-LS.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (process 14)
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    str(U.ExplicitVRLittleEndian),
+    str(U.ImplicitVRLittleEndian),
+    *sorted(J2K),
+    *sorted(JPEG),
 )
 # Fixed, so the same received data set always gives the same file (dedup by sha256).
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.8.498.1.7715.1")

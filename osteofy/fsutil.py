@@ -1,4 +1,4 @@
-"""Durable file writes: temp file -> fsync -> rename -> fsync directory.
+"""Durable file writes (temp file -> fsync -> rename -> fsync directory) and file hashing.
 
 A reader (or a crash) never sees a half-written file; once this returns, the file survives a
 power cut. Files are created with mode 0644 less the process umask, not mkstemp's 0600.
@@ -7,6 +7,7 @@ power cut. Files are created with mode 0644 less the process umask, not mkstemp'
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -49,3 +50,12 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda fh: fh.write(data))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (memory stays flat for any size)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -15,7 +15,6 @@ does the same without the CLI.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata as md
 import json
 import platform
@@ -29,7 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 from osteofy import __version__
-from osteofy.fsutil import atomic_write_bytes
+from osteofy.fsutil import atomic_write_bytes, sha256_file
 
 __all__ = ["SPEC_VERSION", "build_sbom", "purl", "write_sbom"]
 
@@ -122,14 +121,6 @@ def _library(dist: md.Distribution) -> dict[str, Any]:
     return component
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _model(folder: Path) -> dict[str, Any] | None:
     """A model package as a ``machine-learning-model`` component with one child per file."""
     card_path = folder / "card.json"
@@ -148,7 +139,7 @@ def _model(folder: Path) -> dict[str, Any] | None:
             "type": "data",
             "bom-ref": f"{ref}/card.json",
             "name": "card.json",
-            "hashes": [{"alg": "SHA-256", "content": _sha256(card_path)}],
+            "hashes": [{"alg": "SHA-256", "content": sha256_file(card_path)}],
             "description": "model card: preprocessing, features, thresholds, metrics",
         }
     ]
@@ -160,7 +151,7 @@ def _model(folder: Path) -> dict[str, Any] | None:
             "name": str(name),
         }
         if path.is_file():
-            digest = _sha256(path)
+            digest = sha256_file(path)
             child["hashes"] = [{"alg": "SHA-256", "content": digest}]
             matches = "true" if digest == expected else "false"
         else:
