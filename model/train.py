@@ -130,6 +130,10 @@ def _batches(n: int, size: int, gen: torch.Generator, shuffle: bool):
         yield order[a : a + size]
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
 def predict(
     net: FusionNet, images: np.ndarray, clinical: np.ndarray, pre: PreprocessConfig, batch: int = 64
@@ -138,7 +142,7 @@ def predict(
     net.eval()
     logits, tscore, pooled = [], [], []  # pooled: the OOD feature vector
     for a in range(0, images.shape[0], batch):
-        x = torch.from_numpy(normalise(images[a : a + batch], pre))
+        x = _channels_last(torch.from_numpy(normalise(images[a : a + batch], pre)))
         c = torch.from_numpy(clinical[a : a + batch])
         p = net.parts(x, c)
         logits.append(p["logits"])
@@ -193,7 +197,8 @@ def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Pat
     c_tr, c_va = clinical_matrix(tr, spec), clinical_matrix(va, spec)
     if cfg.image_only:
         c_tr, c_va = all_missing(c_tr), all_missing(c_va)
-    net = FusionNet(cfg.backbone, spec.width)
+    # channels-last convolutions train about 1.3x faster on a CPU (oneDNN), same weights.
+    net = FusionNet(cfg.backbone, spec.width).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(tr) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -216,7 +221,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Pat
         total = 0.0
         for idx in _batches(len(tr), cfg.batch_size, gen, shuffle=True):
             i = idx.numpy()
-            x = augment(torch.from_numpy(normalise(tr.images[i], pre)), gen)
+            x = _channels_last(augment(torch.from_numpy(normalise(tr.images[i], pre)), gen))
             c = hide_facts(torch.from_numpy(c_tr[i]), _drop_mask(len(i), spec, cfg, gen))
             logits, tscore = net(x, c)
             loss = F.cross_entropy(logits, torch.from_numpy(tr.labels[i]))
