@@ -270,6 +270,21 @@ def _oracle(ds: Dataset, site: str) -> dict:
     return {k: round(auroc(v, y), 4) for k, v in post.items()}
 
 
+def cam_shares(
+    cam: NDArray, content: NDArray, signal: NDArray, nuisance: NDArray
+) -> tuple[float, float] | None:
+    """Shares of a non-negative heat map's energy in the signal and nuisance masks.
+
+    Both are shares of the energy on the image *content* (the letterbox padding is not part of
+    the radiograph and the overlay does not show it), the same reference as the masks' area
+    share, so a uniform map scores exactly its area share. None for a map with no energy there.
+    """
+    total = float(cam[content].sum())
+    if total <= 0:
+        return None
+    return float(cam[signal & content].sum()) / total, float(cam[nuisance & content].sum()) / total
+
+
 def explanation_quality(pkg: ModelPackage, ds: Dataset, precision: str, n: int) -> dict:
     """Grad-CAM energy in signal and nuisance masks, and agreement with the counterfactual map.
 
@@ -315,13 +330,13 @@ def explanation_quality(pkg: ModelPackage, ds: Dataset, precision: str, n: int) 
                 ),
                 0.0,
             )
-            total = float(cam.sum())
-            if total <= 0:  # an all-zero map (no positive evidence): counted, not scored
+            shares = cam_shares(cam, content, signal, nuis)
+            if shares is None:  # an all-zero map (no positive evidence): counted, not scored
                 empty[which] += 1
                 continue
             sc = scores[which]
-            sc["in_signal"].append(float(cam[signal].sum()) / total)
-            sc["on_markers_text"].append(float(cam[nuis].sum()) / total)
+            sc["in_signal"].append(shares[0])
+            sc["on_markers_text"].append(shares[1])
             if cf is not None:
                 ra = np.argsort(np.argsort(cam[content]))
                 rb = np.argsort(np.argsort(cf[content]))
