@@ -414,8 +414,16 @@ def test_garbage_malformed_pdus_and_idle_connections_do_not_lock_out_the_digitiz
             junk.append(s)
         idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
         junk.extend(idle)
-        # The digitizer's association succeeds while all of that is still connected.
-        assert _store(port, studies[0]) == 0x0000
+        # The digitizer's association succeeds while all of that is still connected. Damaged
+        # RQs that still parse hold association slots; until they have been silent for
+        # preempt_idle_s (1 s) a newcomer is rejected by design, and a digitizer retries.
+        status = None
+        for _ in range(4):  # bounded: a lockout would outlast every try
+            status = _store(port, studies[0])
+            if status is not None:
+                break
+            time.sleep(1.0)
+        assert status == 0x0000
         assert _echo(port)
         assert receiver.healthy()
         # Idle connections are dropped: evicted at once, or after acse_timeout_s (3 s).
