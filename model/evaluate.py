@@ -331,7 +331,7 @@ def explanation_quality(pkg: ModelPackage, ds: Dataset, precision: str, n: int) 
                 0.0,
             )
             shares = cam_shares(cam, content, signal, nuis)
-            if shares is None:  # an all-zero map (no positive evidence): counted, not scored
+            if shares is None:  # no positive evidence on the radiograph: counted, not scored
                 empty[which] += 1
                 continue
             sc = scores[which]
