@@ -113,14 +113,22 @@ def discover(models_dir: Path) -> dict[str, list[Path]]:
 
 
 def _preferred(paths: list[Path]) -> list[Path]:
-    """Fusion models (with clinical inputs) first, then by name, newest version last->first."""
+    """Fusion models (with clinical inputs) first, then the newest version first.
+
+    Names compare by their numbers as numbers, so ``hip-v10`` is newer than ``hip-v2``; a site's
+    configured ``site_models`` entry overrides this choice.
+    """
     import json
+    import re
 
-    def key(p: Path) -> tuple:
-        card = json.loads((p / "card.json").read_text())
-        return (not card.get("clinical_inputs", True), p.name)
+    def version(p: Path) -> tuple:
+        return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name))
 
-    return sorted(paths, key=key)
+    def image_only(p: Path) -> bool:
+        return not json.loads((p / "card.json").read_text()).get("clinical_inputs", True)
+
+    newest_first = sorted(paths, key=version, reverse=True)
+    return sorted(newest_first, key=image_only)  # stable: keeps newest first within each kind
 
 
 class Screener:

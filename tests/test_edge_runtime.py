@@ -302,3 +302,22 @@ def test_precision_auto_is_measured_once_then_kept_per_model_and_cpu(
     Screener(cfg, create_secret=False)
     assert len(calls) == 3 * measured
     assert (cfg.data_dir / "precision.json").read_text() == "{not json"
+
+
+def test_the_newest_fusion_package_of_a_site_is_preferred(tmp_path):
+    from edge.runtime import _preferred
+
+    def package(name: str, clinical: bool) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "card.json").write_text(json.dumps({"clinical_inputs": clinical}))
+        return d
+
+    paths = [
+        package("hip-image-only-v9", False),
+        package("hip-v1", True),
+        package("hip-v10", True),
+        package("hip-v2", True),
+    ]
+    order = [p.name for p in _preferred(paths)]
+    assert order == ["hip-v10", "hip-v2", "hip-v1", "hip-image-only-v9"]

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 
-import paho.mqtt.client as mqtt
 import pytest
-from mqtt_broker import MOSQUITTO, Broker, wait_for
+from mqtt_broker import MOSQUITTO, Broker, Listener, wait_for
 
 from edge.messages import Heartbeat, Status
 from edge.outbox import Outbox
@@ -18,31 +16,6 @@ from edge.runtime import Screener
 from edge.store import ResultStore
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
-
-
-class Listener:
-    """A subscriber that records every message on the device's topics."""
-
-    def __init__(self, port: int) -> None:
-        self.messages: list[tuple[str, bytes, bool]] = []
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="listener")
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe("osteofy/v1/#", qos=1)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
-        with self.lock:
-            self.messages.append((msg.topic, msg.payload, msg.retain))
-
-    def of(self, kind: str) -> list[tuple[str, bytes, bool]]:
-        with self.lock:
-            return [m for m in self.messages if m[0].split("/")[4] == kind]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 @pytest.fixture()

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
-from mqtt_broker import MOSQUITTO, Broker, wait_for
+from mqtt_broker import MOSQUITTO, Broker, outbox_with_one_feedback, wait_for
 
 from edge.outbox import Outbox
 from edge.publisher import Publisher, check_broker
-from edge.store import ResultStore
 from osteofy.config import Config
 
 pytestmark = pytest.mark.skipif(
@@ -118,22 +116,7 @@ def _config(tmp_path: Path, port: int, pki: Path, ca: str) -> Config:
 
 
 def _queue_one(tmp_path: Path, cfg: Config) -> Outbox:
-    store = ResultStore(tmp_path / "results.sqlite")
-    outbox = Outbox(store, cfg.site_id, cfg.device_id, limit=100)
-    with store.transaction() as db:
-        outbox.enqueue_feedback(
-            db,
-            {
-                "schema": "osteofy.feedback.v1",
-                "feedback_id": str(uuid.uuid4()),
-                "result_id": str(uuid.uuid4()),
-                "device_id": cfg.device_id,
-                "site_id": cfg.site_id,
-                "at": "2026-11-21T00:00:00Z",
-                "agree": True,
-            },
-        )
-    return outbox
+    return outbox_with_one_feedback(tmp_path / "results.sqlite", cfg)
 
 
 def test_client_certificate_connection_drains_the_outbox(tls_broker, pki, tmp_path):

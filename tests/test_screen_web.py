@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from mqtt_broker import MOSQUITTO, Broker, free_port, wait_for
+from mqtt_broker import MOSQUITTO, Broker, Listener, free_port, wait_for
 
 from edge.screen_web import attach, start_screen_server
 from edge.serve import EdgeService, start_publisher
@@ -455,31 +455,8 @@ class Chromium:
         self.log.close()
 
 
-class Listener:
-    """Every message under the device's topics, from the test's own broker."""
-
-    def __init__(self, port: int) -> None:
-        import paho.mqtt.client as mqtt
-
-        self.messages: list[tuple[str, bytes]] = []
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="screen-listener")
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe("osteofy/v1/#", qos=1)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
-        with self.lock:
-            self.messages.append((msg.topic, msg.payload))
-
-    def feedback(self) -> list[dict]:
-        with self.lock:
-            return [json.loads(p) for t, p in self.messages if t.endswith("/feedback")]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+def feedback(listener: Listener) -> list[dict]:
+    return [json.loads(body) for _, body, _ in listener.of("feedback")]
 
 
 @needs_browser
@@ -487,7 +464,7 @@ class Listener:
 def test_browser_live_worklist_result_form_and_feedback(device_config, device_scans, tmp_path):
     broker = Broker(tmp_path)
     broker.start()
-    listener = Listener(broker.port)
+    listener = Listener(broker.port, client_id="screen-listener")
     cfg = device_config.model_copy(
         update={"mqtt": device_config.mqtt.model_copy(update={"url": broker.url})}
     )
@@ -542,8 +519,8 @@ def test_browser_live_worklist_result_form_and_feedback(device_config, device_sc
 
         browser.js("document.getElementById('fb-agree').click()")
         browser.wait("document.getElementById('fb-msg').textContent.includes('agrees')", 15)
-        assert wait_for(lambda: any(f["result_id"] == new for f in listener.feedback()), 20)
-        fb = next(f for f in listener.feedback() if f["result_id"] == new)
+        assert wait_for(lambda: any(f["result_id"] == new for f in feedback(listener)), 20)
+        fb = next(f for f in feedback(listener) if f["result_id"] == new)
         assert fb["agree"] is True and fb["schema"] == "osteofy.feedback.v1"
         assert browser.js("window.__sameDocument") == 1  # all of it without a reload
     finally:

@@ -47,7 +47,8 @@ def test_package_runs_on_a_simulated_radiograph_and_flags_probes(model_dir: Path
     clin = clinical_vector(facts, pkg.clinical)[None]
     square, _ = preprocess_to_uint8(raw, pkg.preprocess)
     out = backend.run(normalise(square, pkg.preprocess)[None], clin)
-    s = pkg.preprocess.size // 16
+    stride = 16 if pkg.card["backbone"].endswith("_os16") else 32
+    s = pkg.preprocess.size // stride
     assert out["probs"].shape == (1, 3) and abs(float(out["probs"].sum()) - 1) < 1e-4
     assert out["cam"].shape == (1, 3, s, s)
     assert out["clinical_attr"].shape == (1, 3, pkg.clinical.width)

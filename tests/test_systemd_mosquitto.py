@@ -21,11 +21,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_broker import MOSQUITTO, free_port, wait_for
+from mqtt_broker import MOSQUITTO, free_port, outbox_with_one_feedback, wait_for
 
-from edge.outbox import Outbox
 from edge.publisher import Publisher
-from edge.store import ResultStore
 from osteofy.config import Config
 
 ROOT = Path(__file__).parent.parent
@@ -244,21 +242,7 @@ def _publisher(tmp_path: Path, port: int, pki: Path, device_id: str, cert: str):
             "tls": {"ca": pki / "ca.crt", "cert": pki / f"{cert}.crt", "key": pki / f"{cert}.key"},
         },
     )
-    store = ResultStore(tmp_path / f"{uuid.uuid4().hex}.sqlite")
-    outbox = Outbox(store, cfg.site_id, cfg.device_id, limit=100)
-    with store.transaction() as db:
-        outbox.enqueue_feedback(
-            db,
-            {
-                "schema": "osteofy.feedback.v1",
-                "feedback_id": str(uuid.uuid4()),
-                "result_id": str(uuid.uuid4()),
-                "device_id": device_id,
-                "site_id": cfg.site_id,
-                "at": "2026-11-21T00:00:00Z",
-                "agree": True,
-            },
-        )
+    outbox = outbox_with_one_feedback(tmp_path / f"{uuid.uuid4().hex}.sqlite", cfg)
     return Publisher(cfg, outbox, tmp_path), outbox
 
 
