@@ -593,7 +593,7 @@ def test_browser_layout_at_kiosk_sizes(device_config, device_scans, tmp_path):
                     browser.js("document.querySelector('[data-fact=height_m]').scrollIntoView()")
                     browser.screenshot(out / f"screen-form-end-{width}x{height}.png")
             # The alarm a failed integrity check raises, on top of the worklist.
-            svc.screener.problems["hip"] = "hip-v1: model.int8.onnx fails its integrity check"
+            svc.screener.problems["hip"] = "hip-v2: model.int8.onnx fails its integrity check"
             browser.open(f"{s.url}/")
             browser.wait("!document.getElementById('alarms').hidden", 10)
             assert browser.js(overflow) == [], ("alarm", width)
