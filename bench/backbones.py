@@ -238,7 +238,9 @@ def markdown(res: dict) -> str:
         "Held-out virtual-cohort test set of each site (`docs/model.md`); gap = the cohort's "
         "oracle ceiling (fused, or image-only for an image-only package) minus the model's "
         "AUROC. INT8: the verdict of `osteofy quantize` (top-1 agreement on unseen images, "
-        "blocks kept in FP32).",
+        "blocks kept in FP32). Train min: wall clock of `osteofy train` as its package "
+        "recorded it, on whatever else the machine was doing then (`docs/model.md` says which "
+        "runs shared the CPU), so it compares runs only roughly; the GMACs above compare cost.",
         "",
         "| package | site | backbone | size | fusion | epochs | train min | AUROC osteoporosis "
         "(95 % CI) | oracle | gap | ECE | INT8 top-1 (FP32 blocks) |",
