@@ -74,12 +74,17 @@ def test_quantize_installs_int8_only_with_passing_gates(calib_folder, tmp_path) 
     pkg_dir = tmp_path / "hand-v1"
     shutil.copytree(ROOT / "models" / "hand-v1", pkg_dir)
     before = json.loads((pkg_dir / "card.json").read_text())
+    int8 = pkg_dir / "model.int8.onnx"  # the shipped one, installed by an earlier passing run
+    int8_before = int8.read_bytes() if int8.exists() else None
+    # 56 images at min/max ranges: the verdict rests on a handful of images, so either branch
+    # can happen (it depends on the CPU's arithmetic); each is checked for what it must do.
     opts = QuantizeOptions(method="minmax", min_calibration=32, latency_runs=5)
     try:
         report = quantize_package(pkg_dir, calib_folder, None, opts, progress=False)
     except GatesFailed as exc:
         assert exc.exit_code == 1
-        assert not (pkg_dir / "model.int8.onnx").exists()
+        # Nothing installed: the package is exactly as it was (no new or replaced INT8 model).
+        assert (int8.read_bytes() if int8.exists() else None) == int8_before
         assert json.loads((pkg_dir / "card.json").read_text()) == before
         report = json.loads((pkg_dir / "quantization.json").read_text())
         assert report["failed_gates"]
