@@ -56,6 +56,31 @@ def run_package(
     return Predictions(np.concatenate(probs), np.concatenate(tscore), np.concatenate(ood))
 
 
+def image_only_scores(
+    base: ModelPackage,
+    pkg: ModelPackage,
+    ds: Dataset,
+    data: Path,
+    progress: bool = False,
+) -> NDArray:
+    """P(osteoporosis) of an image-only baseline ``base`` on the images ``pkg`` was run on (``ds``).
+
+    The baseline sees the images through its own preprocessing (input size, version): when it
+    differs from ``pkg``'s, the folder is read again with the baseline's.
+    """
+    from osteofy.errors import UsageError
+
+    site = pkg.card["sites"][0]
+    if site not in base.card.get("sites", []):
+        raise UsageError(f"image-only baseline {base.name} is not a {site} model")
+    if base.preprocess != pkg.preprocess:
+        own = load_folder(data, base.preprocess, site=site, progress=progress)
+        if not np.array_equal(own.labels, ds.labels):
+            raise UsageError(f"image-only baseline {base.name}: {data} read differently twice")
+        ds = own
+    return run_package(base, ds, "fp32").probs[:, 2]
+
+
 def ece(probs: NDArray, labels: NDArray, bins: int = 15) -> float:
     """Expected calibration error of the top-label confidence (Guo et al. 2017)."""
     conf = probs.max(1)
@@ -184,7 +209,7 @@ def evaluate(
         compare("clinical_only", clin)
     img_score = None
     if image_only is not None:
-        img_score = run_package(load_package(image_only), ds, "fp32").probs[:, 2]
+        img_score = image_only_scores(load_package(image_only), pkg, ds, data, progress)
         compare("image_only", img_score)
     oracle = _oracle(ds, site)
     if oracle:
