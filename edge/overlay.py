@@ -390,8 +390,11 @@ def _blend(display8: NDArray, heat: NDArray, size: tuple[int, int], include_imag
     pw, ph = size
     shrink = pw < 0.5 * display8.shape[1]  # INTER_AREA only where aliasing would show
     interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    # NaN and values <= 0 become 0 (TOZERO keeps only src > 0), +inf and > 1 become 1.
+    # Values <= 0 become 0 (TOZERO keeps only src > 0), +inf and > 1 become 1. threshold keeps
+    # NaN as NaN, and NaN converted to 8 bits is undefined (seen: NaN rows drawn as heat in
+    # some runs, not in others), so NaN is patched to 0 before the conversion.
     _, clean = cv2.threshold(heat.astype(F32, copy=False), 0.0, 0.0, cv2.THRESH_TOZERO)
+    cv2.patchNaNs(clean, 0.0)  # in place, on threshold's own output
     _, clean = cv2.threshold(clean, 1.0, 1.0, cv2.THRESH_TRUNC)
     h8: NDArray = cv2.resize(cv2.convertScaleAbs(clean, alpha=255.0), size, interpolation=interp)
     tinted_lut, keep_lut = _TABLES[include_image]
