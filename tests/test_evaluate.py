@@ -1,4 +1,4 @@
-"""Measures of osteofy evaluate that need no trained model (and no PyTorch)."""
+"""Parts of osteofy evaluate that need no PyTorch (the shipped packages at most)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from mqtt_broker import MOSQUITTO, Broker, outbox_with_one_feedback, wait_for
 
-from edge.outbox import Outbox
 from edge.publisher import Publisher, check_broker
 from osteofy.config import Config
 
@@ -115,15 +114,11 @@ def _config(tmp_path: Path, port: int, pki: Path, ca: str) -> Config:
     )
 
 
-def _queue_one(tmp_path: Path, cfg: Config) -> Outbox:
-    return outbox_with_one_feedback(tmp_path / "results.sqlite", cfg)
-
-
 def test_client_certificate_connection_drains_the_outbox(tls_broker, pki, tmp_path):
     cfg = _config(tmp_path, tls_broker, pki, "ca")
     ok, detail = check_broker(cfg)
     assert ok and "TLS" in detail
-    outbox = _queue_one(tmp_path, cfg)
+    outbox = outbox_with_one_feedback(tmp_path / "results.sqlite", cfg)
     pub = Publisher(cfg, outbox, tmp_path)
     pub.start()
     try:
@@ -137,7 +132,7 @@ def test_an_untrusted_broker_is_refused_clearly_and_data_is_kept(tls_broker, pki
     cfg = _config(tmp_path, tls_broker, pki, "rogue")  # we trust another CA than the broker's
     ok, detail = check_broker(cfg)
     assert not ok and "certificate refused" in detail
-    outbox = _queue_one(tmp_path, cfg)
+    outbox = outbox_with_one_feedback(tmp_path / "results.sqlite", cfg)
     pub = Publisher(cfg, outbox, tmp_path)
     with caplog.at_level("ERROR", logger="edge.publisher"):
         pub.start()
