@@ -41,6 +41,8 @@ class Dataset:
     labels: NDArray  # int64 [N], class index
     tscore: NDArray  # float32 [N], NaN where unknown
     facts: list[dict]
+    signal: NDArray | None = None  # uint8 [N, S, S]: share of each input pixel on bone x 255
+
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -53,6 +55,20 @@ class Dataset:
             self.labels[idx],
             self.tscore[idx],
             [self.facts[i] for i in idx],
+            None if self.signal is None else self.signal[idx],
+        )
+
+    def concat(self, other: Dataset) -> Dataset:
+        """Two folders as one training set (for example a mixed-domain split)."""
+        both = self.signal is not None and other.signal is not None
+        return Dataset(
+            self.folder,
+            self.rows + other.rows,
+            np.concatenate([self.images, other.images]),
+            np.concatenate([self.labels, other.labels]),
+            np.concatenate([self.tscore, other.tscore]),
+            self.facts + other.facts,
+            np.concatenate([self.signal, other.signal]) if both else None,
         )
 
 
@@ -111,6 +127,17 @@ def _prep_one(args: tuple[str, PreprocessConfig]) -> NDArray:
     return square
 
 
+def _signal_one(args: tuple[str, str, PreprocessConfig]) -> NDArray:
+    """The cohort's signal mask carried into the model input (share of bone per pixel)."""
+    from cohort.generate import load_masks
+    from edge.preprocess import map_to_input
+
+    path, masks_path, cfg = args
+    _, geom = preprocess_to_uint8(read_raw(Path(path)), cfg)
+    signal = load_masks(Path(masks_path))["signal"]
+    return np.round(map_to_input(signal, geom) * 255.0).astype(np.uint8)
+
+
 def _cache_path(folder: Path, cfg: PreprocessConfig, files: list[str]) -> Path:
     key = json.dumps({"cfg": cfg.to_card(), "files": files}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -123,7 +150,9 @@ def load_folder(
     site: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    masks: bool = False,
 ) -> Dataset:
+    """``masks=True`` also reads each row's ``masks_file`` (a virtual cohort) for guidance."""
     folder = Path(folder)
     with _label_file(folder).open(newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -142,8 +171,20 @@ def load_folder(
     if cache.is_file():
         images = np.load(cache)
     else:
-        images = _preprocess_all([str(folder / f) for f in files], cfg, workers, progress)
+        jobs = [(str(folder / f), cfg) for f in files]
+        images = _run_all(_prep_one, jobs, cfg, workers, progress, "preprocess")
         _save_cache(cache, images)
+    signal = None
+    if masks:
+        if "masks_file" not in rows[0]:
+            raise UsageError(f"{folder}: mask guidance needs a masks_file column (a cohort)")
+        mcache = cache.with_name(cache.stem + "-signal.npy")
+        if mcache.is_file():
+            signal = np.load(mcache)
+        else:
+            mjobs = [(str(folder / r["file"]), str(folder / r["masks_file"]), cfg) for r in rows]
+            signal = _run_all(_signal_one, mjobs, cfg, workers, progress, "masks")
+            _save_cache(mcache, signal)
     return Dataset(
         folder,
         rows,
@@ -151,29 +192,27 @@ def load_folder(
         np.asarray(labels, dtype=np.int64),
         np.asarray(tscores, dtype=np.float32),
         [facts_from_row(r) for r in rows],
+        signal,
     )
 
 
-def _preprocess_all(
-    paths: list[str], cfg: PreprocessConfig, workers: int | None, progress: bool
+def _run_all(
+    fn, jobs: list, cfg: PreprocessConfig, workers: int | None, progress: bool, desc: str
 ) -> NDArray:
     from tqdm import tqdm
 
     n = workers or os.cpu_count() or 1
-    jobs = [(p, cfg) for p in paths]
-    bar = tqdm(
-        total=len(jobs), desc="preprocess", unit="img", disable=not progress, file=sys.stderr
-    )
+    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, file=sys.stderr)
     out = np.zeros((len(jobs), cfg.size, cfg.size), dtype=np.uint8)
     if n <= 1:
         for i, job in enumerate(jobs):
-            out[i] = _prep_one(job)
+            out[i] = fn(job)
             bar.update(1)
     else:
         # forkserver, not fork: forking a process that runs threads can deadlock the child.
         ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
         with ctx.Pool(n) as pool:
-            for i, img in enumerate(pool.imap(_prep_one, jobs, chunksize=8)):
+            for i, img in enumerate(pool.imap(fn, jobs, chunksize=8)):
                 out[i] = img
                 bar.update(1)
     bar.close()

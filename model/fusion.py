@@ -107,7 +107,10 @@ class ExportModule(nn.Module):
 
     def __init__(self, net: FusionNet) -> None:
         super().__init__()
-        self.net = net.eval()
+        self.net = net
+        # The wrapper itself in eval mode: torch.onnx.export restores the wrapper's mode after
+        # exporting, and a wrapper left in training mode would put the network back in it.
+        self.eval()
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor) -> tuple[torch.Tensor, ...]:
         p = self.net.parts(image, clinical)

@@ -2,10 +2,15 @@
 
 One command does the whole recipe, so the shipped reference packages are reproducible:
 split (train / validation, stratified, seeded), train with augmentation and *missing-fact
-dropout* (a clinic often does not know the risk factors: the model must work without them),
-keep the best epoch by validation loss, fit the temperature on validation, fit the OOD
+dropout* (a clinic often knows only what the DICOM header carries: the model must be right and
+calibrated then too), optional *mask guidance* (the cohort's bone masks: heat outside bone is
+penalised), keep the best epoch by validation loss, calibrate on validation, fit the OOD
 statistics on training features, pick the referral threshold on validation, and save
 ``checkpoint.pt`` plus ``training.json``. ``osteofy export`` then writes the model package.
+
+Two heads: ``ordinal`` (``model.ordinal``: one T-score estimate from which class, probabilities
+and referral follow; the reference packages) and ``softmax`` (three logits and a separate
+T-score regression: the earlier packages and the image-only baselines).
 """
 
 from __future__ import annotations
@@ -21,23 +26,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from edge.clinical import (
-    ANTHROPOMETRY,
-    RISK_FACTORS,
-    ClinicalSpec,
-    all_missing,
-    clinical_vector,
-    fit_spec,
-)
+from edge.clinical import HEADER_FACTS, ClinicalSpec, all_missing, fit_spec, only_facts
 from edge.preprocess import PreprocessConfig, normalise
+from model import heads
 from model.data import Dataset, load_folder
-from model.fusion import FusionNet, fit_ood
+from model.fusion import fit_ood
+from model.missing import clinical_matrix, drop_mask, hide_facts
 
 
 @dataclass
 class TrainConfig:
     site: str
     backbone: str = "mobilenet_v3_small_os16"
+    head: str = "ordinal"
     size: int = 320
     epochs: int = 10
     batch_size: int = 32
@@ -45,7 +46,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     val_fraction: float = 0.15
     seed: int = 0
-    tscore_weight: float = 0.3
+    tscore_weight: float = 0.3  # softmax head: weight of its T-score regression
+    band_weight: float = 0.5  # ordinal head: weight of the WHO-band likelihood
+    guidance: float = 0.0  # weight of the mask-guidance loss (needs the cohort's masks)
+    p_header_only: float = 0.35  # only the facts a DICOM header carries (age, sex, weight)
     p_drop_risk_all: float = 0.3  # all risk factors unknown
     p_drop_risk_each: float = 0.1
     p_drop_anthro: float = 0.1
@@ -53,6 +57,7 @@ class TrainConfig:
     referral_sensitivity: float = 0.90
     image_only: bool = False  # a baseline that never sees the clinical facts
     threads: int = 0  # 0: torch default
+    extra_data: list[str] = field(default_factory=list)  # more folders (a mixed-domain split)
     preprocess: dict = field(default_factory=dict)
 
 
@@ -69,41 +74,11 @@ def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     return train_idx, val_idx
 
 
-def clinical_matrix(ds: Dataset, spec: ClinicalSpec) -> np.ndarray:
-    return np.stack([clinical_vector(f, spec) for f in ds.facts]).astype(np.float32)
-
-
-def _drop_mask(n: int, spec: ClinicalSpec, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """[n, K] boolean: which facts to hide for this batch."""
-    k = len(spec.names)
-    idx = {name: i for i, name in enumerate(spec.names)}
-    drop = torch.zeros(n, k, dtype=torch.bool)
-
-    def rand(p: float, cols: int = 1) -> torch.Tensor:
-        return torch.rand(n, cols, generator=gen) < p
-
-    risk = [idx[r] for r in RISK_FACTORS if r in idx]
-    # Facts asked together in a clinic are dropped together.
-    anthro = [idx[a] for a in ANTHROPOMETRY if a in idx]
-    drop[:, risk] = rand(cfg.p_drop_risk_all) | rand(cfg.p_drop_risk_each, len(risk))
-    drop[:, anthro] = rand(cfg.p_drop_anthro)
-    for name in ("age_years", "sex_male"):
-        if name in idx:
-            drop[:, [idx[name]]] = rand(cfg.p_drop_age_sex)
-    return drop
-
-
-def hide_facts(x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    k = drop.shape[1]
-    x = x.clone()
-    values, flags = x[:, :k], x[:, k:]
-    values[drop] = 0.0
-    flags[drop] = 1.0
-    return x
-
-
-def augment(img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Small geometric and photometric jitter (positioning and processing vary in clinics)."""
+def augment(
+    img: torch.Tensor, gen: torch.Generator, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Small geometric and photometric jitter (positioning and processing vary in clinics);
+    a guidance mask moves with its image."""
     n = img.shape[0]
     ang = (torch.rand(n, generator=gen) - 0.5) * math.radians(16)
     scale = 1.0 + (torch.rand(n, generator=gen) - 0.5) * 0.2
@@ -121,7 +96,10 @@ def augment(img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     out = F.grid_sample(img, grid, padding_mode="zeros", align_corners=False)
     gain = 1.0 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.3
     bias = (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.3
-    return out * gain + bias
+    moved = None
+    if mask is not None:
+        moved = F.grid_sample(mask, grid, padding_mode="zeros", align_corners=False)
+    return out * gain + bias, moved
 
 
 def _batches(n: int, size: int, gen: torch.Generator, shuffle: bool):
@@ -136,40 +114,21 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(
-    net: FusionNet, images: np.ndarray, clinical: np.ndarray, pre: PreprocessConfig, batch: int = 64
+    net: torch.nn.Module,
+    images: np.ndarray,
+    clinical: np.ndarray,
+    pre: PreprocessConfig,
+    batch: int = 64,
 ) -> dict[str, np.ndarray]:
-    """Logits, T-score and pooled features over a dataset (eval mode, no augmentation)."""
+    """The head's raw outputs over a dataset (eval mode, no augmentation)."""
     net.eval()
-    logits, tscore, pooled = [], [], []  # pooled: the OOD feature vector
+    parts: dict[str, list[torch.Tensor]] = {}
     for a in range(0, images.shape[0], batch):
         x = _channels_last(torch.from_numpy(normalise(images[a : a + batch], pre)))
         c = torch.from_numpy(clinical[a : a + batch])
-        p = net.parts(x, c)
-        logits.append(p["logits"])
-        tscore.append(p["tscore"][:, 0])
-        pooled.append(p["ood_features"])
-    return {
-        "logits": torch.cat(logits).numpy(),
-        "tscore": torch.cat(tscore).numpy(),
-        "pooled": torch.cat(pooled).numpy(),
-    }
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature scaling (Guo et al. 2017) on the validation set; bounded LBFGS."""
-    lg = torch.from_numpy(logits).double()
-    y = torch.from_numpy(labels)
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(lg / log_t.exp(), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+        for k, v in heads.raw(net, x, c).items():
+            parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
 
 def referral_threshold(p_osteoporosis: np.ndarray, labels: np.ndarray, sensitivity: float) -> float:
@@ -181,25 +140,42 @@ def referral_threshold(p_osteoporosis: np.ndarray, labels: np.ndarray, sensitivi
     return float(pos[min(k, pos.size - 1)])
 
 
+def _load(data: Path, cfg: TrainConfig, pre: PreprocessConfig, progress: bool) -> Dataset:
+    masks = cfg.guidance > 0
+    ds = load_folder(data, pre, site=cfg.site, progress=progress, masks=masks)
+    for extra in cfg.extra_data:
+        ds = ds.concat(load_folder(Path(extra), pre, site=cfg.site, progress=progress, masks=masks))
+    return ds
+
+
+def _patterns(c: np.ndarray, spec: ClinicalSpec) -> list[np.ndarray]:
+    """The fact patterns the model is selected and calibrated on: all known, header only."""
+    return [c, only_facts(c, spec, HEADER_FACTS)]
+
+
 def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Path:
     """Train and save ``out/checkpoint.pt`` and ``out/training.json``; returns the checkpoint."""
     from tqdm import tqdm
+
+    from cohort.stats import auroc
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     pre = PreprocessConfig(size=cfg.size, **{k: v for k, v in cfg.preprocess.items()})
     t_start = time.time()
-    ds = load_folder(data, pre, site=cfg.site, progress=progress)
+    ds = _load(data, cfg, pre, progress)
     train_idx, val_idx = split_indices(ds.labels, cfg.val_fraction, cfg.seed)
     tr, va = ds.subset(train_idx), ds.subset(val_idx)
     spec = fit_spec([dict(f) for f in tr.facts])
     c_tr, c_va = clinical_matrix(tr, spec), clinical_matrix(va, spec)
     if cfg.image_only:
         c_tr, c_va = all_missing(c_tr), all_missing(c_va)
+    val_sets = [c_va] if cfg.image_only else _patterns(c_va, spec)
+    y_va = np.concatenate([va.labels] * len(val_sets))
+    net = heads.make(cfg.head, cfg.backbone, spec.width)
     # channels-last convolutions train about 1.3x faster on a CPU (oneDNN), same weights.
     # (Module.to takes memory_format at run time; torch's stubs do not list it.)
-    net = FusionNet(cfg.backbone, spec.width)
     net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(tr) / cfg.batch_size)
@@ -220,40 +196,38 @@ def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Pat
             disable=not progress,
             file=sys.stderr,
         )
-        total = 0.0
+        sums: dict[str, float] = {}
         for idx in _batches(len(tr), cfg.batch_size, gen, shuffle=True):
             i = idx.numpy()
-            x = _channels_last(augment(torch.from_numpy(normalise(tr.images[i], pre)), gen))
-            c = hide_facts(torch.from_numpy(c_tr[i]), _drop_mask(len(i), spec, cfg, gen))
-            logits, tscore = net(x, c)
-            loss = F.cross_entropy(logits, torch.from_numpy(tr.labels[i]))
-            t_true = torch.from_numpy(tr.tscore[i])
-            known = ~torch.isnan(t_true)
-            if known.any():
-                err = (tscore[:, 0][known] - t_true[known]) / t_sd
-                loss = loss + cfg.tscore_weight * F.smooth_l1_loss(err, torch.zeros_like(err))
+            mask = None
+            if tr.signal is not None:
+                mask = torch.from_numpy(tr.signal[i][:, None].astype(np.float32) / 255.0)
+            x, mask = augment(torch.from_numpy(normalise(tr.images[i], pre)), gen, mask)
+            c = hide_facts(torch.from_numpy(c_tr[i]), drop_mask(len(i), spec, cfg, gen))
+            batch = heads.Batch(
+                _channels_last(x),
+                c,
+                torch.from_numpy(tr.labels[i]),
+                torch.from_numpy(tr.tscore[i]),
+                mask,
+            )
+            losses = heads.loss(net, batch, cfg, t_sd)
             opt.zero_grad()
-            loss.backward()
+            losses["loss"].backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(i)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(i)
             bar.update(len(i))
-            bar.set_postfix(loss=f"{total / max(bar.n, 1):.3f}")
+            bar.set_postfix(loss=f"{sums['loss'] / max(bar.n, 1):.3f}")
         bar.close()
-        pv = predict(net, va.images, c_va, pre)
-        val_loss = float(
-            F.cross_entropy(torch.from_numpy(pv["logits"]), torch.from_numpy(va.labels))
-        )
-        from cohort.stats import auroc
-
-        y = va.labels == 2
-        val_auc = auroc(
-            pv["logits"][:, 2] - np.logaddexp(pv["logits"][:, 0], pv["logits"][:, 1]), y
-        )
+        pv = _predict_sets(net, va.images, val_sets, pre)
+        val_loss = heads.val_loss(cfg.head, pv, y_va)
+        val_auc = auroc(heads.probs(cfg.head, pv)[:, 2], y_va == 2)
         history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": total / len(tr),
+                **{f"train_{k}": v / len(tr) for k, v in sums.items()},
                 "val_loss": val_loss,
                 "val_auroc_osteoporosis": val_auc,
             }
@@ -268,31 +242,35 @@ def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Pat
     if best is None:
         raise ValueError("training ran no epoch")
     net.load_state_dict(best[1])
-    pv = predict(net, va.images, c_va, pre)
-    temperature = fit_temperature(pv["logits"], va.labels)
-    net.temperature.fill_(temperature)
+    pv = _predict_sets(net, va.images, val_sets, pre)
+    calibration = heads.calibrate(net, cfg.head, pv, y_va)
+    pv = _predict_sets(net, va.images, val_sets, pre)
     ood_threshold = fit_ood_and_threshold(
-        net, predict(net, tr.images, c_tr, pre)["pooled"], pv["pooled"]
+        net, predict(net, tr.images, c_tr, pre)["ood_features"], pv["ood_features"][: len(va)]
     )
-    probs = torch.softmax(torch.from_numpy(pv["logits"]) / temperature, 1).numpy()
-    threshold = referral_threshold(probs[:, 2], va.labels, cfg.referral_sensitivity)
+    threshold = heads.referral(
+        net, cfg.head, heads.probs(cfg.head, pv)[:, 2], y_va, cfg.referral_sensitivity
+    )
     from cohort.stats import fit_logistic
 
     # Clinical-only baseline (logistic, osteoporosis vs rest) on the same training rows and the
     # same clinical vector, with the same missing-fact dropout applied once.
-    c_drop = hide_facts(torch.from_numpy(c_tr), _drop_mask(len(tr), spec, cfg, gen)).numpy()
+    c_drop = hide_facts(torch.from_numpy(c_tr), drop_mask(len(tr), spec, cfg, gen)).numpy()
     w_clin = fit_logistic(c_drop, (tr.labels == 2).astype(float), l2=1.0)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "train_config": asdict(cfg),
+        "head": heads.head_name(cfg.head),
         "preprocessing": pre.to_card(),
         "clinical": spec.to_card(),
         "n_train": len(tr),
         "n_val": len(va),
-        "data": str(data),
+        "data": [str(data), *cfg.extra_data],
         "history": history,
-        "temperature": temperature,
-        "referral_threshold": threshold,
+        "calibration": calibration,
+        "temperature": calibration.get("temperature", calibration.get("tau")),
+        "referral_threshold": threshold["threshold"],
+        "referral": threshold,
         "ood_threshold": ood_threshold,
         "t_sd": t_sd,
         "baselines": {
@@ -310,25 +288,37 @@ def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Pat
     return ckpt
 
 
-def _ood(net: FusionNet, pooled: np.ndarray) -> np.ndarray:
+def _predict_sets(
+    net: torch.nn.Module, images: np.ndarray, sets: list[np.ndarray], pre: PreprocessConfig
+) -> dict[str, np.ndarray]:
+    """``predict`` for the same images under several fact patterns, rows concatenated."""
+    runs = [predict(net, images, c, pre) for c in sets]
+    return {k: np.concatenate([r[k] for r in runs]) for k in runs[0]}
+
+
+def _ood(net: torch.nn.Module, feats: np.ndarray) -> np.ndarray:
+    mean, whiten = net.get_buffer("ood_mean"), net.get_buffer("ood_whiten")
     with torch.no_grad():
-        z = (torch.from_numpy(pooled) - net.ood_mean) @ net.ood_whiten
+        z = (torch.from_numpy(feats) - mean) @ whiten
         return torch.sqrt((z * z).sum(1)).numpy()
 
 
-def fit_ood_and_threshold(net: FusionNet, train_feats: np.ndarray, val_feats: np.ndarray) -> float:
+def fit_ood_and_threshold(
+    net: torch.nn.Module, train_feats: np.ndarray, val_feats: np.ndarray
+) -> float:
     """Fit the OOD statistics on training features; threshold = 99.5th percentile of the
     validation distances plus a 10 % margin."""
-    fit_ood(net, torch.from_numpy(train_feats))
+    fit_ood(net, torch.from_numpy(train_feats))  # type: ignore[arg-type]
     return float(np.percentile(_ood(net, val_feats), 99.5) * 1.10)
 
 
-def load_checkpoint(path: Path, ood: bool = True) -> tuple[FusionNet, dict]:
+def load_checkpoint(path: Path, ood: bool = True) -> tuple[torch.nn.Module, dict]:
     """``ood=False`` loads the weights but not the OOD statistics (to re-fit them)."""
     blob = torch.load(path, map_location="cpu", weights_only=False)
     meta = blob["meta"]
     cfg = meta["train_config"]
-    net = FusionNet(cfg["backbone"], len(meta["clinical"]["input_names"]))
+    n_clin = len(meta["clinical"]["input_names"])
+    net = heads.make(cfg.get("head", "softmax"), cfg["backbone"], n_clin)
     state = blob["state_dict"]
     if not ood:
         state = {k: v for k, v in state.items() if not k.startswith("ood_")}
@@ -351,8 +341,8 @@ def refit_ood(model_dir: Path, data: Path, progress: bool = True) -> float:
         c_tr, c_va = all_missing(c_tr), all_missing(c_va)
     meta["ood_threshold"] = fit_ood_and_threshold(
         net,
-        predict(net, tr.images, c_tr, pre)["pooled"],
-        predict(net, va.images, c_va, pre)["pooled"],
+        predict(net, tr.images, c_tr, pre)["ood_features"],
+        predict(net, va.images, c_va, pre)["ood_features"],
     )
     torch.save({"state_dict": net.state_dict(), "meta": meta}, ckpt)
     (model_dir / "training.json").write_text(json.dumps(meta, indent=2))
