@@ -41,6 +41,9 @@ RISK_FACTORS = tuple(n for n, kind, _ in FEATURES if kind == "binary" and n != "
 ANTHROPOMETRY = ("weight_kg", "height_m", "bmi", "bmi_below_27")
 # The facts a person can be asked for (the derived ones are computed).
 INPUT_FACTS = tuple(n for n in FEATURE_NAMES if n not in ("bmi_below_27",))
+# What most clinics send in a DICOM header (Patient's Age, Sex, Weight; Patient's Size is often
+# empty): the fact set the model must also be calibrated for.
+HEADER_FACTS = ("age_years", "sex_male", "weight_kg")
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,18 @@ def fit_spec(rows: list[Mapping], names: tuple[str, ...] = FEATURE_NAMES) -> Cli
         sd = float(vals.std()) if vals.size > 1 else 1.0
         sds.append(sd if sd > 1e-6 else 1.0)
     return ClinicalSpec(names=names, mean=tuple(means), sd=tuple(sds))
+
+
+def only_facts(clinical: NDArray, spec: ClinicalSpec, keep: tuple[str, ...]) -> NDArray:
+    """The same vectors with every fact outside ``keep`` made unknown (value 0, flag 1)."""
+    k = len(spec.names)
+    out = clinical.copy()
+    for i, name in enumerate(spec.names):
+        base = "bmi" if name == "bmi_below_27" else name
+        if base not in keep:
+            out[..., i] = 0.0
+            out[..., k + i] = 1.0
+    return out
 
 
 def all_missing(clinical: NDArray) -> NDArray:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from edge.answer import AnswerRule
 from edge.audit import audit_event
 from edge.clinical import all_missing, clinical_vector
 from edge.ingest import Study, load_study
@@ -62,6 +63,7 @@ class Loaded:
     pkg: ModelPackage
     choice: Choice
     sha256: str
+    rule: AnswerRule
 
 
 @dataclass
@@ -157,6 +159,7 @@ class Screener:
             path = candidates[0]
             try:
                 pkg = load_package(path)
+                rule = AnswerRule.from_card(pkg.card)
                 choice = choose(
                     pkg,
                     backend or cfg.backend,
@@ -174,7 +177,7 @@ class Screener:
             file = pkg.model_file(
                 choice.backend.precision if choice.backend.precision != "fp16" else "fp32"
             )
-            self.models[site] = Loaded(pkg, choice, sha256_file(file))
+            self.models[site] = Loaded(pkg, choice, sha256_file(file), rule)
             audit_event(
                 "model_chosen",
                 site=site,
@@ -237,15 +240,14 @@ class Screener:
                 "or image type"
             )
         probs = out["probs"][0].astype(float)
-        k = int(np.argmax(probs))
+        tscore = float(out["tscore"][0, 0])
+        k = int(loaded.rule.classes(probs, np.array([tscore]))[0])
         t3 = time.perf_counter()  # inference: the forward pass, the OOD gate and the class
         cam = out["cam"][0]
         peaks = peak_regions(cam[k], geom, k=3)
         contributions = _contributions(out["clinical_attr"][0], pkg, study.facts)
         t4 = time.perf_counter()
-        result = self._result(
-            study, loaded, probs, float(out["tscore"][0, 0]), ood, thr, peaks, contributions
-        )
+        result = self._result(study, loaded, probs, tscore, k, ood, thr, peaks, contributions)
         timings = {
             "decode": t1 - t0,
             "preprocess": t2 - t1,
@@ -262,13 +264,13 @@ class Screener:
         loaded: Loaded,
         probs: NDArray,
         tscore: float,
+        k: int,
         ood: float,
         thr: float,
         peaks: list[dict[str, float]],
         contributions: list[tuple[str, bool, float]],
     ) -> Result:
         pkg, backend = loaded.pkg, loaded.choice.backend
-        k = int(np.argmax(probs))
         facts = study.facts
         derivable_bmi = facts.get("weight_kg") is not None and facts.get("height_m") is not None
         missing = [n for n, v in facts.items() if v is None and not (n == "bmi" and derivable_bmi)]
@@ -281,7 +283,6 @@ class Screener:
             flags.append("missing_clinical_facts")
         age = facts.get("age_years")
         sex = facts.get("sex_male")
-        threshold = float(pkg.card["referral"]["threshold"])
         return Result(
             result_id=str(uuid.uuid4()),
             device_id=self.cfg.device_id,
@@ -303,7 +304,7 @@ class Screener:
                 class_=CLASSES[k],
                 probs=Probs(**{c: round(float(p), 4) for c, p in zip(CLASSES, probs, strict=True)}),
                 tscore=round(tscore, 2),
-                refer=bool(probs[2] >= threshold),
+                refer=bool(loaded.rule.refer(probs)[0]),
             ),
             explanation=Explanation(
                 heatmap_class=CLASSES[k],
@@ -323,11 +324,12 @@ class Screener:
 def _contributions(
     attr: NDArray, pkg: ModelPackage, facts: Mapping[str, float | None]
 ) -> list[tuple[str, bool, float]]:
-    """Per fact: its push on log P(osteoporosis)/P(normal), value and missing flag together.
+    """Per fact: its push on the log-odds of osteoporosis, value and missing flag together.
 
-    ``clinical_attr`` [3, 2F] holds each input's additive contribution to each class logit
-    (values first, then missing flags, in the card's order); the difference between the
-    osteoporosis and normal rows is the fact's effect on their log-odds. Returned as
+    ``clinical_attr`` [3, 2F] holds each input's additive contribution (values first, then
+    missing flags, in the card's order). For an ordinal package its last row is the exact push
+    on logit P(osteoporosis); for an earlier (softmax) package the difference between the
+    osteoporosis and normal rows is the fact's effect on log P(osteoporosis)/P(normal). Returned as
     (factor, known, log-odds) tuples, strongest first; the result model is built from them
     with the rest of the result (as the peaks are).
     """
@@ -335,7 +337,9 @@ def _contributions(
         return []
     names = list(pkg.clinical.names)
     f = len(names)
-    diff = attr[2] - attr[0]
+    # Ordinal packages: row 2 is each input's exact push on logit P(osteoporosis).
+    ordinal = pkg.card.get("answer", {}).get("class_rule") == "who_band_of_tscore"
+    diff = attr[2] if ordinal else attr[2] - attr[0]
     per_fact = (diff[:f] + diff[f : 2 * f]).tolist()
     bmi_derivable = facts.get("weight_kg") is not None and facts.get("height_m") is not None
     out = []

@@ -16,7 +16,8 @@ import torch
 
 from edge.backends.onnxruntime import BATCH_DIM
 from edge.package import CARD_SCHEMA, sha256_file
-from model.fusion import INPUT_NAMES, OUTPUT_NAMES, ExportModule
+from model.fusion import INPUT_NAMES, OUTPUT_NAMES, ExportModule, FusionNet
+from model.ordinal import CUTS, HEAD, OrdinalExport, OrdinalFusionNet
 from model.train import load_checkpoint
 from osteofy.fsutil import atomic_write_bytes
 
@@ -51,8 +52,14 @@ def export_package(model_dir: Path, name: str | None = None, version: str = "1.0
     size = int(meta["preprocessing"]["size"])
     n_clin = len(meta["clinical"]["input_names"])
     onnx_path = model_dir / "model.onnx"
-    export_onnx(ExportModule(net), size, n_clin, onnx_path)
-    _verify(onnx_path, ExportModule(net), size, n_clin)
+    if isinstance(net, OrdinalFusionNet):
+        module: torch.nn.Module = OrdinalExport(net)
+    elif isinstance(net, FusionNet):
+        module = ExportModule(net)
+    else:
+        raise TypeError(f"cannot export {type(net).__name__}")
+    export_onnx(module, size, n_clin, onnx_path)
+    _verify(onnx_path, module, size, n_clin)
     card_path = model_dir / "card.json"
     old = json.loads(card_path.read_text()) if card_path.is_file() else {}
     card = {
@@ -71,8 +78,11 @@ def export_package(model_dir: Path, name: str | None = None, version: str = "1.0
         "outputs": list(OUTPUT_NAMES),
         "clinical_inputs": not cfg.get("image_only", False),
         "temperature": meta["temperature"],
+        "answer": answer_rule(net),
+        "calibration": meta.get("calibration", {}),
         "referral": {
             "rule": "refer when P(osteoporosis) >= threshold",
+            **meta.get("referral", {}),
             "threshold": meta["referral_threshold"],
             "chosen_for_validation_sensitivity": cfg["referral_sensitivity"],
         },
@@ -97,6 +107,35 @@ def export_package(model_dir: Path, name: str | None = None, version: str = "1.0
         card["files"]["model.int8.onnx"] = sha256_file(model_dir / "model.int8.onnx")
     write_json_atomic(card_path, card)
     return card_path
+
+
+def answer_rule(net: torch.nn.Module) -> dict:
+    """How class, T-score, probabilities and referral relate (the device applies this rule)."""
+    if isinstance(net, OrdinalFusionNet):
+        return {
+            "head": HEAD,
+            "class_rule": "who_band_of_tscore",
+            "cuts": list(CUTS),
+            "rule": "The class is the WHO band of the T-score estimate (normal >= -1 > osteopenia "
+            "> -2.5 >= osteoporosis). The probabilities are the bands of one logistic "
+            "distribution centred on that estimate, so P(osteoporosis) >= 0.5 exactly when the "
+            "class is osteoporosis and P(normal) >= 0.5 exactly when it is normal. Referral is "
+            "P(osteoporosis) >= the threshold, which lies above the floor (the largest "
+            "P(osteoporosis) of a normal answer) and at or below 0.5: an osteoporosis answer is "
+            "always referred, a normal one never.",
+            "clinical_attr_rows": [
+                "push on logit P(normal)",
+                "term of the T-score estimate (T-score units)",
+                "push on logit P(osteoporosis)",
+            ],
+            "cam": "Grad-CAM of each class's log-probability on the evidence map: the image "
+            "part of the T-score estimate, cell by cell, times d log P / d estimate",
+        }
+    return {
+        "head": "softmax-v1",
+        "class_rule": "argmax",
+        "rule": "The class is the most probable one; the T-score is a separate regression.",
+    }
 
 
 def _verify(path: Path, module: torch.nn.Module, size: int, n_clin: int) -> None:
