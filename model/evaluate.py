@@ -1,14 +1,17 @@
 """``osteofy evaluate``: a model package on a labelled folder, with baselines in the same run.
 
-Runs the *shipped* ONNX graph through ONNX Runtime (what a device runs), then reports with 95 %
-bootstrap intervals: AUROC osteoporosis-vs-rest and low-BMD-vs-normal, accuracy, sensitivity and
-specificity at the card's referral threshold, ECE, T-score MAE. Baselines on the same images:
-the OST rule, the clinical-only logistic model stored in the card, an image-only model package
-(when given), and — on a virtual cohort — the oracle ceiling from the latent variables.
-Explanation quality uses the cohort's masks and counterfactual maps.
+Runs the *shipped* ONNX graph through ONNX Runtime (what a device runs) and decides each answer
+with the device's own rule (``edge.answer``), then reports with 95 % bootstrap intervals: AUROC
+osteoporosis-vs-rest and low-BMD-vs-normal, accuracy, sensitivity and specificity at the
+referral point, calibration with its noise floor (``model.calibration``), T-score MAE, and the
+answers that contradict themselves. Baselines on the same images: the OST rule, the
+clinical-only logistic model stored in the card, an image-only model package (when given), and
+— on a virtual cohort — the oracle ceiling from the latent variables. Explanation quality
+(``model.explain_eval``) uses the cohort's masks and counterfactual maps.
 
-Figures computed on the virtual cohort are synthetic: they check the software, they are not a
-clinical accuracy.
+``facts`` chooses what the model is told: ``all`` the manifest's facts, ``header`` only what a
+DICOM header usually carries (age, sex, weight), ``none`` nothing. Figures computed on the
+virtual cohort are synthetic: they check the software, they are not a clinical accuracy.
 """
 
 from __future__ import annotations
@@ -22,13 +25,19 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cohort.stats import auroc
+from edge.answer import AnswerRule, contradictions
 from edge.backends.onnxruntime import OnnxRuntimeBackend
-from edge.clinical import all_missing, clinical_vector
+from edge.clinical import HEADER_FACTS, all_missing, clinical_vector, only_facts
 from edge.package import ModelPackage, load_package
-from edge.preprocess import map_to_input, normalise, preprocess_to_uint8
+from edge.preprocess import normalise, preprocess_to_uint8
+from model.calibration import calibration_report, ece_top_label, reliability
 from model.data import Dataset, load_folder, read_raw
+from model.report import write_report
 
 N_BOOT = 1000
+FACTS = ("all", "header", "none")
+
+__all__ = ["evaluate", "record_in_card", "run_package", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -38,13 +47,23 @@ class Predictions:
     ood: NDArray
 
 
+def clinical_inputs(pkg: ModelPackage, ds: Dataset, facts: str = "all") -> NDArray:
+    """The ``clinical`` input of every row, with only the facts ``facts`` allows."""
+    if facts not in FACTS:
+        raise ValueError(f"facts must be one of {FACTS}")
+    clinical = np.stack([clinical_vector(f, pkg.clinical) for f in ds.facts])
+    if facts == "none" or not pkg.card.get("clinical_inputs", True):
+        return all_missing(clinical)
+    if facts == "header":
+        return only_facts(clinical, pkg.clinical, HEADER_FACTS)
+    return clinical
+
+
 def run_package(
-    pkg: ModelPackage, ds: Dataset, precision: str = "fp32", batch: int = 32
+    pkg: ModelPackage, ds: Dataset, precision: str = "fp32", batch: int = 32, facts: str = "all"
 ) -> Predictions:
     backend = OnnxRuntimeBackend(pkg.model_file(precision))
-    clinical = np.stack([clinical_vector(f, pkg.clinical) for f in ds.facts])
-    if not pkg.card.get("clinical_inputs", True):
-        clinical = all_missing(clinical)
+    clinical = clinical_inputs(pkg, ds, facts)
     probs, tscore, ood = [], [], []
     for a in range(0, len(ds), batch):
         out = backend.run(
@@ -83,33 +102,25 @@ def image_only_scores(
 
 def ece(probs: NDArray, labels: NDArray, bins: int = 15) -> float:
     """Expected calibration error of the top-label confidence (Guo et al. 2017)."""
-    conf = probs.max(1)
-    correct = probs.argmax(1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    total = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            total += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(total)
+    return ece_top_label(probs, labels, bins)
 
 
-def _metric_fns(threshold: float) -> dict:
-    def sens(p: NDArray, y: NDArray, t: NDArray) -> float:
+def _metric_fns(rule: AnswerRule) -> dict:
+    def sens(p: NDArray, t: NDArray, y: NDArray) -> float:
         pos = y == 2
-        return float((p[pos, 2] >= threshold).mean()) if pos.any() else math.nan
+        return float(rule.refer(p[pos]).mean()) if pos.any() else math.nan
 
-    def spec(p: NDArray, y: NDArray, t: NDArray) -> float:
+    def spec(p: NDArray, t: NDArray, y: NDArray) -> float:
         neg = y != 2
-        return float((p[neg, 2] < threshold).mean()) if neg.any() else math.nan
+        return float((~rule.refer(p[neg])).mean()) if neg.any() else math.nan
 
     return {
-        "auroc_osteoporosis": lambda p, y, t: auroc(p[:, 2], y == 2),
-        "auroc_low_bmd": lambda p, y, t: auroc(p[:, 1] + p[:, 2], y >= 1),
-        "accuracy": lambda p, y, t: float((p.argmax(1) == y).mean()),
+        "auroc_osteoporosis": lambda p, t, y: auroc(p[:, 2], y == 2),
+        "auroc_low_bmd": lambda p, t, y: auroc(p[:, 1] + p[:, 2], y >= 1),
+        "accuracy": lambda p, t, y: float((rule.classes(p, t) == y).mean()),
         "sensitivity_at_referral": sens,
         "specificity_at_referral": spec,
-        "ece": lambda p, y, t: ece(p, y),
+        "ece": lambda p, t, y: ece(p, y),
     }
 
 
@@ -145,12 +156,14 @@ def _scored(value_ci: tuple[float, list[float]]) -> dict:
     }
 
 
-def clinical_only_scores(pkg: ModelPackage, ds: Dataset) -> NDArray | None:
+def clinical_only_scores(pkg: ModelPackage, ds: Dataset, facts: str = "all") -> NDArray | None:
     """P(osteoporosis) of the clinical-only logistic baseline stored in the card."""
     base = pkg.card.get("baselines", {}).get("clinical_only")
     if not base:
         return None
-    x = np.stack([clinical_vector(f, pkg.clinical) for f in ds.facts])
+    x = clinical_inputs(pkg, ds, facts) if pkg.card.get("clinical_inputs", True) else None
+    if x is None:
+        x = np.stack([clinical_vector(f, pkg.clinical) for f in ds.facts])
     w = np.asarray(base["weights"])
     return 1.0 / (1.0 + np.exp(-(base["bias"] + x @ w)))
 
@@ -163,17 +176,18 @@ def evaluate(
     explain_n: int = 200,
     seed: int = 0,
     progress: bool = True,
+    facts: str = "all",
 ) -> dict:
     pkg = load_package(model_dir)
+    rule = AnswerRule.from_card(pkg.card)
     site = pkg.card["sites"][0]
     ds = load_folder(data, pkg.preprocess, site=site, progress=progress)
-    pred = run_package(pkg, ds, precision)
+    pred = run_package(pkg, ds, precision, facts=facts)
     y = ds.labels
     rng = np.random.default_rng(seed)
-    thr = float(pkg.card["referral"]["threshold"])
     metrics = {
-        name: _scored(bootstrap(fn, len(ds), rng, pred.probs, y, ds.tscore))
-        for name, fn in _metric_fns(thr).items()
+        name: _scored(bootstrap(fn, len(ds), rng, pred.probs, pred.tscore, y))
+        for name, fn in _metric_fns(rule).items()
     }
     known = ~np.isnan(ds.tscore)
     if known.any():
@@ -204,7 +218,7 @@ def evaluate(
     ost = _ost(ds)
     if ost is not None:
         compare("ost_rule", -ost)
-    clin = clinical_only_scores(pkg, ds)
+    clin = clinical_only_scores(pkg, ds, facts)
     if clin is not None:
         compare("clinical_only", clin)
     img_score = None
@@ -218,12 +232,20 @@ def evaluate(
     report = {
         "model": pkg.name,
         "precision": precision,
+        "facts": facts,
         "data": str(data),
         "n": len(ds),
         "synthetic_data": (data / "cohort.json").is_file(),
         "class_counts": {c: int((y == k).sum()) for k, c in enumerate(pkg.classes)},
-        "referral_threshold": thr,
+        "answer_rule": pkg.card.get("answer", {}).get("class_rule", "argmax"),
+        "referral_threshold": rule.threshold,
         "metrics": metrics,
+        "calibration": calibration_report(pred.probs, y, np.random.default_rng(seed + 1)),
+        "reliability_osteoporosis": reliability(fused, pos.astype(float)),
+        "contradictions": contradictions(rule, pred.probs, pred.tscore),
+        "class_is_not_most_probable": int(
+            (rule.classes(pred.probs, pred.tscore) != pred.probs.argmax(1)).sum()
+        ),
         "baselines": baselines,
         "differences": diffs,
         "ood": {
@@ -233,7 +255,11 @@ def evaluate(
         },
     }
     if explain_n > 0 and any((data / r.get("masks_file", "")).is_file() for r in ds.rows[:1]):
-        report["explanations"] = explanation_quality(pkg, ds, precision, explain_n)
+        from model.explain_eval import explanation_quality
+
+        report["explanations"] = explanation_quality(
+            pkg, ds, clinical_inputs(pkg, ds, facts), precision, explain_n, seed
+        )
     scores = {"fused": fused}
     if ost is not None:
         scores["OST rule"] = -ost
@@ -241,7 +267,12 @@ def evaluate(
         scores["clinical only"] = clin
     if img_score is not None:
         scores["image only"] = img_score
-    report["_plots"] = {"labels": y, "probs": pred.probs, "scores": scores}
+    report["_plots"] = {
+        "labels": y,
+        "probs": pred.probs,
+        "classes": rule.classes(pred.probs, pred.tscore),
+        "scores": scores,
+    }
     return report
 
 
@@ -310,179 +341,6 @@ def cam_shares(
     return float(cam[signal & content].sum()) / total, float(cam[nuisance & content].sum()) / total
 
 
-def explanation_quality(pkg: ModelPackage, ds: Dataset, precision: str, n: int) -> dict:
-    """Grad-CAM energy in signal and nuisance masks, and agreement with the counterfactual map.
-
-    Scored for two maps of each image: the predicted class's (what an overlay shows) and the
-    osteoporosis class's (the evidence behind a referral).
-    """
-    import cv2
-
-    from cohort.generate import load_masks
-
-    backend = OnnxRuntimeBackend(pkg.model_file(precision))
-    scores: dict[str, dict[str, list[float]]] = {
-        m: {"in_signal": [], "on_markers_text": [], "counterfactual_spearman": []}
-        for m in ("predicted_class", "osteoporosis_class")
-    }
-    area_signal: list[float] = []
-    empty = {m: 0 for m in scores}
-    for i in range(min(n, len(ds))):
-        row = ds.rows[i]
-        square, geom = preprocess_to_uint8(read_raw(ds.folder / row["file"]), pkg.preprocess)
-        clin = clinical_vector(ds.facts[i], pkg.clinical)[None]
-        if not pkg.card.get("clinical_inputs", True):
-            clin = all_missing(clin)
-        out = backend.run(normalise(square, pkg.preprocess)[None], clin)
-        masks = load_masks(ds.folder / row["masks_file"])
-        ir0, ir1, ic0, ic1 = geom.input_box()
-        content = np.zeros((geom.size, geom.size), dtype=bool)
-        content[ir0:ir1, ic0:ic1] = True
-        signal = map_to_input(masks["signal"], geom, nearest=True) > 0.5
-        area_signal.append(float(signal.sum()) / float(content.sum()))
-        nuis = np.zeros_like(signal)
-        for name in ("marker", "text"):
-            if name in masks:
-                nuis |= map_to_input(masks[name], geom, nearest=True) > 0.5
-        cf = map_to_input(masks["counterfactual"], geom) if "counterfactual" in masks else None
-        for which, k in (
-            ("predicted_class", int(out["probs"][0].argmax())),
-            ("osteoporosis_class", 2),
-        ):
-            cam = np.maximum(
-                cv2.resize(
-                    out["cam"][0, k], (geom.size, geom.size), interpolation=cv2.INTER_LINEAR
-                ),
-                0.0,
-            )
-            shares = cam_shares(cam, content, signal, nuis)
-            if shares is None:  # no positive evidence on the radiograph: counted, not scored
-                empty[which] += 1
-                continue
-            sc = scores[which]
-            sc["in_signal"].append(shares[0])
-            sc["on_markers_text"].append(shares[1])
-            if cf is not None:
-                ra = np.argsort(np.argsort(cam[content]))
-                rb = np.argsort(np.argsort(cf[content]))
-                sc["counterfactual_spearman"].append(float(np.corrcoef(ra, rb)[0, 1]))
-
-    def mean(v: list[float]) -> float | None:
-        return round(float(np.mean(v)), 4) if v else None
-
-    result: dict = {"n": len(area_signal), "signal_area_share": mean(area_signal)}
-    for which, sc in scores.items():
-        result[which] = {
-            "scored": len(sc["in_signal"]),
-            "empty_maps": empty[which],
-            "cam_energy_in_signal": mean(sc["in_signal"]),
-            "cam_energy_on_markers_text": mean(sc["on_markers_text"]),
-            "cam_vs_counterfactual_spearman": mean(sc["counterfactual_spearman"]),
-        }
-    return result
-
-
-def write_report(report: dict, out: Path) -> list[Path]:
-    """JSON + markdown (+ the PNG plots already in ``report['_plots']``) under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    plots = report.pop("_plots", None)
-    paths = [out / "metrics.json", out / "report.md"]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
-    paths[1].write_text(markdown(report))
-    if plots is not None:
-        paths += _write_plots(out, plots)
-    return paths
-
-
-def _fmt(m: dict) -> str:
-    if m["value"] is None:
-        return "undefined (one class only)"
-    if m["ci95"] is None:
-        return f"{m['value']:.3f}"
-    return f"{m['value']:.3f} ({m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})"
-
-
-def markdown(r: dict) -> str:
-    counts = ", ".join(f"{k} {v}" for k, v in r["class_counts"].items())
-    lines = [
-        f"# Evaluation of {r['model']} ({r['precision']})",
-        "",
-        f"Data: `{r['data']}`, n = {r['n']} ({counts})."
-        + (
-            " **Synthetic virtual cohort: not a clinical accuracy.**" if r["synthetic_data"] else ""
-        ),
-        "",
-        "| metric | value (95 % bootstrap CI) |",
-        "|---|---|",
-    ]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in r["metrics"].items()]
-    lines += [
-        "",
-        f"Referral threshold P(osteoporosis) >= {r['referral_threshold']:.3f}.",
-        "",
-        "| baseline (same images) | AUROC osteoporosis vs rest |",
-        "|---|---|",
-    ]
-    for k, v in r["baselines"].items():
-        if k == "oracle":
-            lines += [
-                f"| oracle ceiling ({name}, latent variables) | {val:.3f} |"
-                for name, val in v.items()
-            ]
-        else:
-            lines.append(f"| {k} | {_fmt(v['auroc_osteoporosis'])} |")
-    if r["differences"]:
-        lines += ["", "| AUROC difference (paired bootstrap) | value (95 % CI) |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in r["differences"].items()]
-    lines += [
-        "",
-        f"OOD: {100 * r['ood']['share_below']:.1f} % of these images score below the "
-        f"card's threshold {r['ood']['threshold']:.2f}. Probes that must score above it: "
-        + ", ".join(f"{k} {v:.1f}" for k, v in r["ood"].get("probes", {}).items())
-        + ".",
-    ]
-    if "explanations" in r:
-        e = r["explanations"]
-        lines += [
-            "",
-            f"Explanations on {e['n']} images; signal masks cover "
-            f"{e['signal_area_share']} of the image content on average.",
-            "",
-            "| Grad-CAM of | energy in signal | on markers/text | Spearman vs counterfactual |",
-            "|---|---|---|---|",
-        ]
-        for which in ("predicted_class", "osteoporosis_class"):
-            m = e[which]
-            lines.append(
-                f"| {which.replace('_', ' ')} | {m['cam_energy_in_signal']} | "
-                f"{m['cam_energy_on_markers_text']} | "
-                f"{m['cam_vs_counterfactual_spearman']} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def _write_plots(out: Path, plots: dict) -> list[Path]:
-    from model.plots import plot_calibration, plot_confusion, plot_roc
-
-    y = plots["labels"]
-    curves = {name: (score, y == 2) for name, score in plots["scores"].items()}
-    return [
-        plot_roc(out / "roc.png", curves, "ROC, osteoporosis vs rest"),
-        plot_calibration(
-            out / "calibration.png",
-            plots["probs"][:, 2],
-            (y == 2).astype(float),
-            "Calibration, P(osteoporosis)",
-        ),
-        plot_confusion(
-            out / "confusion.png",
-            y,
-            plots["probs"].argmax(1),
-            ["normal", "osteopenia", "osteoporosis"],
-        ),
-    ]
-
-
 def record_in_card(model_dir: Path, report: dict, name: str) -> None:
     """Store a report's headline figures in the package's card under ``evaluation[name]``."""
     from model.export import write_json_atomic
@@ -492,9 +350,12 @@ def record_in_card(model_dir: Path, report: dict, name: str) -> None:
     card.setdefault("evaluation", {})[name] = {
         "data": report["data"],
         "n": report["n"],
+        "facts": report.get("facts", "all"),
         "synthetic_data": report["synthetic_data"],
         "precision": report["precision"],
         "metrics": report["metrics"],
+        "calibration": report.get("calibration"),
+        "contradictions": report.get("contradictions"),
         "baselines": report["baselines"],
         "differences": report["differences"],
         "ood_share_below_threshold": report["ood"]["share_below"],

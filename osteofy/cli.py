@@ -111,8 +111,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         image_only=args.image_only,
         threads=args.threads or 0,
+        head=args.head,
+        guidance=args.guidance,
+        p_header_only=args.header_only_share,
+        extra_data=[str(Path(d)) for d in args.data[1:]],
     )
-    ckpt = train(Path(args.data), Path(args.out), cfg, progress=not args.quiet)
+    ckpt = train(Path(args.data[0]), Path(args.out), cfg, progress=not args.quiet)
     print(f"wrote {ckpt}; next: osteofy export {args.out}")
     return 0
 
@@ -136,6 +140,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         image_only=Path(args.image_only) if args.image_only else None,
         explain_n=args.explain,
         progress=not args.quiet,
+        facts=args.facts,
     )
     paths = write_report(report, Path(args.out) if args.out else Path(args.model_dir) / "eval")
     if args.record:
@@ -361,7 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_cmd_simulate)
 
     tr = sub.add_parser("train", help="train the fusion model on a folder (needs PyTorch)")
-    tr.add_argument("--data", required=True, help="folder with images and manifest/labels CSV")
+    tr.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="folder with images and manifest/labels CSV (repeat to train on several folders, "
+        "for example a mixed-domain split)",
+    )
     tr.add_argument("--site", required=True, choices=("hand", "hip"))
     tr.add_argument("--out", required=True, help="model folder, e.g. models/hand-v1")
     tr.add_argument(
@@ -385,6 +396,27 @@ def build_parser() -> argparse.ArgumentParser:
         dest="image_only",
         help="train a baseline that never sees clinical facts",
     )
+    tr.add_argument(
+        "--head",
+        default="ordinal",
+        choices=("ordinal", "softmax"),
+        help="ordinal: one T-score estimate that class, probabilities and referral follow from "
+        "(default); softmax: three logits and a separate T-score (earlier packages)",
+    )
+    tr.add_argument(
+        "--guidance",
+        type=float,
+        default=0.0,
+        help="weight of the mask-guidance loss that keeps the heat map on bone (needs the "
+        "virtual cohort's masks; default %(default)s)",
+    )
+    tr.add_argument(
+        "--header-only-share",
+        type=float,
+        default=0.35,
+        dest="header_only_share",
+        help="share of training rows that keep only age, sex and weight (default %(default)s)",
+    )
     tr.add_argument("-q", "--quiet", action="store_true")
     tr.set_defaults(func=_cmd_train)
 
@@ -400,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
     ev.add_argument("--image-only", dest="image_only", help="image-only baseline package")
     ev.add_argument("--explain", type=int, default=200, help="images for explanation metrics")
+    ev.add_argument(
+        "--facts",
+        default="all",
+        choices=("all", "header", "none"),
+        help="what the model is told: every fact of the manifest, only what a DICOM header "
+        "carries (age, sex, weight), or nothing (default %(default)s)",
+    )
     ev.add_argument("--out", help="report folder (default MODEL_DIR/eval)")
     ev.add_argument("--json", action="store_true", help="print the metrics JSON")
     ev.add_argument(
