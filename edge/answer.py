@@ -67,6 +67,9 @@ class AnswerRule:
         return np.asarray(probs).reshape(-1, 3)[:, 2] >= self.threshold
 
 
+ARGMAX = AnswerRule(False, 0.5)  # the most probable class (what older comparisons assumed)
+
+
 def contradictions(rule: AnswerRule, probs: NDArray, tscore: NDArray) -> dict[str, int]:
     """Counts of answers that disagree with themselves, by kind (0 everywhere for the ordinal rule).
 

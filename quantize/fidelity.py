@@ -1,6 +1,8 @@
 """FP32 vs INT8 fidelity: the evidence that quantization did not change what a user sees.
 
-Compared on held-out images (never the calibration ones): top-1 agreement, AUROC of
+Compared on held-out images (never the calibration ones): agreement of the answer the screen
+shows (the class by the card's rule, ``edge.answer``: the WHO band of the T-score estimate for
+ordinal packages, the most probable class for older ones) and of the referral, AUROC of
 osteoporosis-vs-rest for both and its difference, T-score MAE for both, the largest probability
 change, Pearson correlation of the Grad-CAM maps (per image and class), and whether the
 out-of-distribution decision agrees. The gates of the quantize command are checked here.
@@ -15,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cohort.stats import auroc
+from edge.answer import ARGMAX, AnswerRule
 from edge.backends.onnxruntime import OnnxRuntimeBackend
 
 GATES = {
@@ -68,23 +71,31 @@ def _auroc(scores: NDArray, labels: NDArray) -> float:
 
 
 def compare(
-    ref: Outputs, q: Outputs, labels: NDArray, tscore: NDArray, ood_threshold: float
+    ref: Outputs,
+    q: Outputs,
+    labels: NDArray,
+    tscore: NDArray,
+    ood_threshold: float,
+    rule: AnswerRule = ARGMAX,
 ) -> dict:
     """Fidelity metrics of ``q`` against ``ref`` (same images, same order)."""
     n, n_cls = ref.probs.shape
-    top1 = float((ref.probs.argmax(1) == q.probs.argmax(1)).mean())
+    pred = rule.classes(ref.probs, ref.tscore)
+    top1 = float((pred == rule.classes(q.probs, q.tscore)).mean())
+    refer_agree = float((rule.refer(ref.probs) == rule.refer(q.probs)).mean())
     auc_ref, auc_q = _auroc(ref.probs[:, 2], labels), _auroc(q.probs[:, 2], labels)
     known = ~np.isnan(tscore)
     mae_ref = float(np.abs(ref.tscore[known] - tscore[known]).mean()) if known.any() else math.nan
     mae_q = float(np.abs(q.tscore[known] - tscore[known]).mean()) if known.any() else math.nan
     per_class = [pearson_maps(ref.cam[:, k], q.cam[:, k]) for k in range(n_cls)]
-    pred = ref.probs.argmax(1)
     predicted = np.stack(per_class, 1)[np.arange(n), pred]
     class_medians = [float(np.median(r)) for r in per_class]
     ood_ref, ood_q = ref.ood > ood_threshold, q.ood > ood_threshold
     return {
         "n": int(n),
+        "class_rule": "who_band_of_tscore" if rule.ordinal else "argmax",
         "top1_agreement": round(top1, 4),
+        "referral_agreement": round(refer_agree, 4),
         "auroc_fp32": round(auc_ref, 4),
         "auroc_int8": round(auc_q, 4),
         "abs_delta_auroc": round(abs(auc_q - auc_ref), 4),
@@ -123,14 +134,14 @@ def check_gates(metrics: dict) -> list[str]:
     return failed
 
 
-def error_score(ref: Outputs, q: Outputs) -> float:
+def error_score(ref: Outputs, q: Outputs, rule: AnswerRule = ARGMAX) -> float:
     """One number for ranking layer sensitivity: CAM disagreement plus probability change."""
     n = len(ref.probs)
-    pred = ref.probs.argmax(1)
+    pred = rule.classes(ref.probs, ref.tscore)
     r = np.stack([pearson_maps(ref.cam[:, k], q.cam[:, k]) for k in range(ref.cam.shape[1])], 1)
     cam_err = float(np.mean(1.0 - r[np.arange(n), pred]))
     return (
         cam_err
         + float(np.abs(ref.probs - q.probs).mean())
-        + float(np.mean(ref.probs.argmax(1) != q.probs.argmax(1)))
+        + float(np.mean(pred != rule.classes(q.probs, q.tscore)))
     )

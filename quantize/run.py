@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.answer import AnswerRule
 from edge.backends.onnxruntime import OnnxRuntimeBackend
 from edge.latency import interleaved
 from edge.package import load_package, sha256_file
@@ -83,6 +84,7 @@ def quantize_package(
     pkg = load_package(model_dir)
     fp32 = pkg.model_file("fp32")
     thr = float(pkg.card["ood"]["threshold"])
+    rule = AnswerRule.from_card(pkg.card)
     calib, held = split_calibration(
         load_inputs(pkg, calib_dir, progress),
         load_inputs(pkg, heldout_dir, progress) if heldout_dir else None,
@@ -120,7 +122,9 @@ def quantize_package(
 
         def gates_fail(keep_blocks: list[str]) -> list[str]:
             build(keep_blocks)
-            m = fidelity.compare(ref_sel, on_selection(), selection.labels, selection.tscore, thr)
+            m = fidelity.compare(
+                ref_sel, on_selection(), selection.labels, selection.tscore, thr, rule
+            )
             return _gates(m, margin=True)
 
         first = gates_fail([])
@@ -130,7 +134,7 @@ def quantize_package(
 
             def score_only(nodes: list[str]) -> float:
                 build([], only=nodes)
-                return fidelity.error_score(ref_sel, on_selection())
+                return fidelity.error_score(ref_sel, on_selection(), rule)
 
             search.scores = rank(groups, score_only)
             kept = greedy(search.scores, gates_fail, search)
@@ -142,7 +146,7 @@ def quantize_package(
         ref = fidelity.run_all(OnnxRuntimeBackend(fp32), held.image, held.clinical)
         int8_backend = OnnxRuntimeBackend(candidate, precision="int8")
         q = fidelity.run_all(int8_backend, held.image, held.clinical)
-        metrics = fidelity.compare(ref, q, held.labels, held.tscore, thr)
+        metrics = fidelity.compare(ref, q, held.labels, held.tscore, thr, rule)
         failed = _gates(metrics)
         latency = interleaved(
             {"fp32": OnnxRuntimeBackend(fp32), "int8": int8_backend},
@@ -213,7 +217,9 @@ def _install(model_dir: Path, int8: Path, report: dict) -> None:
             k: report["fidelity"][k]
             for k in (
                 "n",
+                "class_rule",
                 "top1_agreement",
+                "referral_agreement",
                 "abs_delta_auroc",
                 "cam_pearson_median",
                 "max_abs_delta_prob",
@@ -248,7 +254,9 @@ def markdown(r: dict) -> str:
         "",
         "| measure (FP32 vs INT8) | value | gate |",
         "| --- | --- | --- |",
-        f"| top-1 agreement | {f['top1_agreement']:.4f} | {r['gates']['top1_agreement']} |",
+        f"| class agreement ({f.get('class_rule', 'argmax')}) | {f['top1_agreement']:.4f} | "
+        f"{r['gates']['top1_agreement']} |",
+        f"| referral agreement | {f.get('referral_agreement', float('nan')):.4f} | |",
         f"| AUROC osteoporosis FP32 / INT8 | {f['auroc_fp32']:.4f} / {f['auroc_int8']:.4f} | |",
         f"| abs ΔAUROC | {f['abs_delta_auroc']:.4f} | {r['gates']['abs_delta_auroc']} |",
         f"| T-score MAE FP32 / INT8 | {f['tscore_mae_fp32']:.3f} / {f['tscore_mae_int8']:.3f} | |",

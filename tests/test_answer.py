@@ -63,3 +63,21 @@ def test_the_earlier_argmax_rule_and_the_contradictions_it_allows_are_counted() 
     assert found["class_vs_tscore"] == 1
     assert found["normal_referred"] == 1
     assert found["osteoporosis_not_referred"] == 0
+
+
+def test_quantization_agreement_is_measured_on_the_answer_the_screen_shows() -> None:
+    """Two outputs with the same T-score band but a different largest probability agree."""
+    from quantize.fidelity import Outputs, compare
+
+    cam = np.ones((2, 3, 4, 4), dtype=np.float32)
+    ood = np.zeros(2, dtype=np.float32)
+    labels = np.array([1, 2])
+    p_ref = np.array([[0.09, 0.45, 0.46], [0.0, 0.2, 0.8]])
+    p_q = np.array([[0.09, 0.47, 0.44], [0.0, 0.2, 0.8]])
+    ref = Outputs(p_ref, np.array([-2.45, -3.0]), cam, ood)
+    q = Outputs(p_q, np.array([-2.40, -3.1]), cam, ood)
+    by_band = compare(ref, q, labels, np.array([-2.4, -3.0]), 1.0, AnswerRule.from_card(ORDINAL))
+    assert by_band["class_rule"] == "who_band_of_tscore"
+    assert by_band["top1_agreement"] == 1.0 and by_band["referral_agreement"] == 1.0
+    by_argmax = compare(ref, q, labels, np.array([-2.4, -3.0]), 1.0)
+    assert by_argmax["top1_agreement"] == 0.5
