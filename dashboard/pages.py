@@ -17,6 +17,7 @@ from html import escape
 from urllib.parse import quote, urlencode
 
 from dashboard.query import ResultFilter
+from edge.answer import tscore_text
 from edge.result import CLASSES
 
 STALE_S = 120  # a heartbeat older than this is shown as stale (default period: 30 s)
@@ -188,7 +189,7 @@ def result_rows(results: list[dict]) -> str:
             + td(r["body_part"])
             + td(p["class"], refer)
             + td(f"{100 * p['probs']['osteoporosis']:.0f} %", "num")
-            + td(f"{p['tscore']:.1f}", "num")
+            + td(tscore_text(p["tscore"]), "num")
             + td(refer, refer)
             + td(", ".join(r["quality"]["flags"]))
             + f'<td><a href="/results/{quote(r["result_id"])}">details</a></td></tr>'

@@ -11,6 +11,7 @@ from urllib.parse import quote
 from dashboard.export import KEY_PREFIX
 from dashboard.pages import e, td, when, who_band
 from dashboard.store import StoredResult
+from edge.answer import tscore_text
 
 FLAG_WORDS = {
     "ood_borderline": "image near the edge of what the model knows",
@@ -118,7 +119,7 @@ def result_page(item: StoredResult) -> str:
         f'<h2>Screening result: <span class="{"refer" if p["refer"] else ""}">'
         f"{e(p['class'])}</span>{refer_text}</h2>"
         f"<dl>{probs}</dl>"
-        f"<h2>Estimated T-score {p['tscore']:.1f} ({e(band)} band)</h2>"
+        f"<h2>Estimated T-score {e(tscore_text(p['tscore']))} ({e(band)} band)</h2>"
         f"{_tscore_scale(float(p['tscore']))}"
         '<p class="muted">Estimated from the radiograph and clinical facts; WHO bands: normal '
         "\u2265 \u22121.0, osteopenia between, osteoporosis \u2264 \u22122.5.</p>"

@@ -28,6 +28,29 @@ def who_band(tscore: float | NDArray) -> NDArray:
     return np.where(t <= WHO_CUTS[1], 2, np.where(t < WHO_CUTS[0], 1, 0))
 
 
+def band_safe_round(tscore: float, decimals: int = 2) -> float:
+    """``tscore`` rounded without leaving its WHO band (so -2.496, osteopenia, is not -2.50).
+
+    A shown T-score that reads as another band than the class beside it would be a
+    contradiction made by rounding alone; the one step back inside the band is at most
+    ``10**-decimals``.
+    """
+    t = float(tscore)
+    r = round(t, decimals)
+    if int(who_band(r)) == int(who_band(t)):
+        return r
+    step = 10.0**-decimals
+    return round(r + step if r < t else r - step, decimals)
+
+
+def tscore_text(tscore: float) -> str:
+    """A T-score as a clinician reads it: one decimal, two where one would cross a WHO cut."""
+    t = float(tscore)
+    one = round(t, 1)
+    shown = f"{one:.1f}" if int(who_band(one)) == int(who_band(t)) else f"{band_safe_round(t):.2f}"
+    return shown.replace("-", "\u2212")
+
+
 @dataclass(frozen=True)
 class AnswerRule:
     ordinal: bool

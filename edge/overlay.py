@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from edge.answer import tscore_text
 from edge.preprocess import Geometry
 
 F32 = np.float32
@@ -301,7 +302,9 @@ def _caption_lines(
         value = f"{min(max(p, 0.0), 1.0):.2f}" if math.isfinite(p) else "n/a"
         parts.append(f"{_ascii(name, 16)} {value}")
     t = float(tscore)
-    t_text = f"{t:.1f}".replace("-0.0", "0.0") if math.isfinite(t) else "n/a"
+    # The WHO band is kept: -2.46 (osteopenia) reads -2.46, never -2.5 (osteoporosis).
+    t_text = tscore_text(t).replace("\u2212", "-") if math.isfinite(t) else "n/a"
+    t_text = "0.0" if t_text == "-0.0" else t_text
     lines = [f"Predicted: {_ascii(label, 32)}", "  ".join(parts), f"T-score estimate {t_text}"]
     if not include_image:
         lines.append(WITHHELD)

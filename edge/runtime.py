@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from edge.answer import AnswerRule
+from edge.answer import AnswerRule, band_safe_round
 from edge.audit import audit_event
 from edge.clinical import all_missing, clinical_vector
 from edge.ingest import Study, load_study
@@ -303,7 +303,7 @@ class Screener:
             prediction=Prediction(
                 class_=CLASSES[k],
                 probs=Probs(**{c: round(float(p), 4) for c, p in zip(CLASSES, probs, strict=True)}),
-                tscore=round(tscore, 2),
+                tscore=band_safe_round(tscore, 2),
                 refer=bool(loaded.rule.refer(probs)[0]),
             ),
             explanation=Explanation(

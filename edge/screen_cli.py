@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from edge.answer import tscore_text
 from edge.facts import merge_facts, parse_facts_json
 from edge.overlay import encode_png
 from edge.runtime import Screener
@@ -70,7 +71,7 @@ def screen_files(
             flags = f" [{', '.join(r.quality.flags)}]" if r.quality.flags else ""
             print(
                 f"{path}: {p.class_} (P {p.probs.normal:.2f}/{p.probs.osteopenia:.2f}/"
-                f"{p.probs.osteoporosis:.2f}), T-score estimate {p.tscore:+.1f}, "
+                f"{p.probs.osteoporosis:.2f}), T-score estimate {tscore_text(p.tscore)}, "
                 f"{'REFER for DXA' if p.refer else 'no referral'}{flags}, "
                 f"{r.timings_ms['total']:.0f} ms",
                 flush=True,

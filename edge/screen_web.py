@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from edge.answer import tscore_text
 from edge.clinical import RISK_FACTORS
 from edge.quarantine import reason_path
 from edge.result import CLASSES
@@ -79,6 +80,16 @@ VERDICT = {
     "osteopenia": "Osteopenia (low bone density) likely",
     "osteoporosis": "Osteoporosis likely",
 }
+# What each class's heat map shows. A map is evidence that moved the answer, not a finding: for a
+# normal answer it marks the bone that looked dense, so a technician sees the model read the bone.
+HEAT_TEXT = {
+    "normal": "Heat map for normal: where the bone looked dense enough to move the answer "
+    "toward normal (evidence of healthy bone, not a finding).",
+    "osteopenia": "Heat map for osteopenia: where the image moved the answer toward the "
+    "osteopenia range.",
+    "osteoporosis": "Heat map for osteoporosis: where the bone looked thin or porous enough to "
+    "move the answer toward osteoporosis.",
+}
 FLAG_TEXT = {
     "ood_borderline": "The image is close to the limit of what the screening knows "
     "(unusual position, exposure or body part). Check the image.",
@@ -111,6 +122,16 @@ def age_band(age: float | None) -> str | None:
         return "90+"
     lo = int(age // 10) * 10
     return f"{lo}–{lo + 9}"
+
+
+def answer_text(class_: str, t: float, p_osteoporosis: float, refer: bool) -> str:
+    """The answer in one line: T-score estimate, its class, the chance of osteoporosis, referral."""
+    band = tscore_band(t)
+    head = f"Estimated T-score {tscore_text(t)} \u2192 {CLASS_LABEL[band].lower()}"
+    if band != class_:  # only older model packages, whose class and T-score are separate outputs
+        head += f" (the model's class is {CLASS_LABEL[class_].lower()}: they disagree)"
+    chance = f"chance of osteoporosis {round(100 * p_osteoporosis)} %"
+    return f"{head}; {chance}; {'refer for DXA' if refer else 'no referral suggested'}"
 
 
 def tscore_band(t: float) -> str:
@@ -276,8 +297,13 @@ class ScreenApp:
             ],
             "tscore": t,
             "tscore_band": band,
-            "tscore_text": f"Estimated T-score {_minus(t)}: {CLASS_LABEL[band].lower()} range",
+            "tscore_text": f"Estimated T-score {tscore_text(t)}: {CLASS_LABEL[band].lower()} range",
+            "answer_text": answer_text(
+                pred["class"], t, float(pred["probs"]["osteoporosis"]), bool(pred["refer"])
+            ),
+            "coherent": band == pred["class"],
             "heatmap_class": expl["heatmap_class"],
+            "heatmap_text": HEAT_TEXT,
             "peaks": expl["peaks"],
             "factors": self._factors(expl["clinical"]),
             "flags": [{"flag": f, "text": FLAG_TEXT[f]} for f in quality["flags"]],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.answer import AnswerRule, contradictions, who_band
+from edge.answer import AnswerRule, band_safe_round, contradictions, tscore_text, who_band
 from osteofy.errors import Unavailable
 
 ORDINAL = {
@@ -81,3 +81,20 @@ def test_quantization_agreement_is_measured_on_the_answer_the_screen_shows() -> 
     assert by_band["top1_agreement"] == 1.0 and by_band["referral_agreement"] == 1.0
     by_argmax = compare(ref, q, labels, np.array([-2.4, -3.0]), 1.0)
     assert by_argmax["top1_agreement"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("t", "stored", "shown"),
+    [
+        (-2.496, -2.49, "\u22122.49"),  # osteopenia: one decimal (-2.5) would read osteoporosis
+        (-2.46, -2.46, "\u22122.46"),
+        (-2.54, -2.54, "\u22122.5"),  # osteoporosis: -2.5 is inside its band
+        (-1.004, -1.01, "\u22121.01"),  # osteopenia: -1.0 would read normal
+        (-0.96, -0.96, "\u22121.0"),  # normal: -1.0 is still normal
+        (0.31, 0.31, "0.3"),
+    ],
+)
+def test_a_shown_tscore_never_reads_as_another_band(t: float, stored: float, shown: str) -> None:
+    assert band_safe_round(t) == stored and tscore_text(t) == shown
+    assert who_band(band_safe_round(t)) == who_band(t)
+    assert who_band(float(tscore_text(t).replace("\u2212", "-"))) == who_band(t)

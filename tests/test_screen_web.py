@@ -172,6 +172,13 @@ def test_result_view_plain_words_and_images(screen, device_scans):
     t = p["prediction"]["tscore"]
     band = "normal" if t >= -1 else "osteopenia" if t > -2.5 else "osteoporosis"
     assert view["tscore_band"] == band and band in view["tscore_text"]
+    # one line that says T-score, its band, the chance of osteoporosis and referral together
+    chance = round(100 * p["prediction"]["probs"]["osteoporosis"])
+    answer = view["answer_text"]
+    assert f"\u2192 {band}" in answer and f"osteoporosis {chance} %" in answer
+    assert ("refer for DXA" in view["answer_text"]) == p["prediction"]["refer"]
+    assert view["coherent"] == (band == p["prediction"]["class"])
+    assert set(view["heatmap_text"]) == {"normal", "osteopenia", "osteoporosis"}
     assert [x["class"] for x in view["probs"]] == ["normal", "osteopenia", "osteoporosis"]
     assert {f["flag"] for f in view["flags"]} == set(p["quality"]["flags"])
     assert all(f["text"] and "_" not in f["text"] for f in view["flags"])

@@ -207,6 +207,8 @@
 
   async function showHeat(cls) {
     state.heatClass = cls;
+    const text = $("heat-text");
+    if (text && state.result && state.result.heatmap_text) text.textContent = state.result.heatmap_text[cls];
     try { await heatLayer(cls); } catch (e) { /* the radiograph alone is still drawn */ }
     if (state.heatClass === cls) draw();
   }
@@ -332,7 +334,8 @@
         "Open the newer result")) : null;
     const verdict = h("div", { class: `verdict cls-${r.class}`, id: "verdict", "data-class": r.class },
       h("span", { class: "verdict-text" }, r.verdict),
-      h("span", { class: `refer${r.refer ? " refer-yes" : ""}` }, r.refer ? `➜ ${r.refer_text}` : r.refer_text));
+      h("span", { class: `refer${r.refer ? " refer-yes" : ""}` }, r.refer ? `➜ ${r.refer_text}` : r.refer_text),
+      h("span", { class: `answer${r.coherent ? "" : " answer-disagree"}`, id: "answer-text" }, r.answer_text));
     view.replaceChildren(h("section", { class: "result", "data-result-id": r.result_id },
       h("div", { class: "result-grid" }, imagePane(r),
         h("div", { class: "side" },
@@ -345,6 +348,7 @@
             h("p", { class: "who" }, `${r.details} · ${when(r.created_at)}`),
             probs(r), tscale(r), quality(r), factors(r), feedbackCard(r),
             h("section", { class: "card" }, h("h2", {}, "About the heat map"),
+              h("p", { class: "heat-text", id: "heat-text" }, (r.heatmap_text || {})[state.heatClass || r.heatmap_class] || ""),
               h("p", { class: "legend" }, "Blue: little weight, red: most weight. Rings mark where "
                 + "the model looked most. Choose a class under the image to see its heat map.")),
             h("p", { class: "model" }, `Model: ${r.model}`))))));
