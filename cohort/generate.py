@@ -17,7 +17,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,17 +163,19 @@ def _work(i: int) -> tuple[int, dict]:
     return i, render_one(_WORKER["plan"], i, _WORKER["out"], _WORKER["opts"])
 
 
-def _render_all(plan: CohortPlan, out: Path, opts: SimulateOptions) -> Iterator[tuple[int, dict]]:
-    if opts.workers <= 1 or plan.n <= 1:
+def _render_all(
+    plan: CohortPlan, out: Path, opts: SimulateOptions, cases: list[int]
+) -> Iterator[tuple[int, dict]]:
+    if opts.workers <= 1 or len(cases) <= 1:
         _init_worker(plan, out, opts)
-        for i in range(plan.n):
+        for i in cases:
             yield _work(i)
         return
     # Never plain fork: a process with threads (ONNX Runtime, MQTT, HTTP servers in the same
     # process) can fork a child that deadlocks on a lock held by a thread that is not copied.
     ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(plan, out, opts)) as pool:
-        yield from pool.imap(_work, range(plan.n), chunksize=1)
+        yield from pool.imap(_work, cases, chunksize=1)
 
 
 def manifest_rows(plan: CohortPlan) -> list[dict]:
@@ -244,8 +246,13 @@ def simulate(
     preset: str = "brief_cohort",
     options: SimulateOptions | None = None,
     progress: bool = True,
+    cases: Sequence[int] | None = None,
 ) -> Path:
-    """Render a cohort into ``out``; returns the manifest path."""
+    """Render a cohort into ``out``; returns the manifest path.
+
+    ``cases``: render only these patients of the seeded cohort of ``n`` (each exactly as the
+    full cohort would have it), for example cases chosen by their planned T-score.
+    """
     from osteofy.errors import UsageError
 
     opts = options or SimulateOptions()
@@ -255,24 +262,29 @@ def simulate(
         raise UsageError(f"--compress must be one of {', '.join(COMPRESSION_MODES)}")
     if opts.max_side is not None and opts.max_side < 64:
         raise UsageError("--max-side must be at least 64 pixels")
+    chosen = list(range(n)) if cases is None else sorted({int(i) for i in cases})
+    if not chosen or not 0 <= chosen[0] <= chosen[-1] < n:
+        raise UsageError(f"cases must be indices in 0..{n - 1}")
     plan = plan_cohort(site, n, seed, preset, opts.shift)
     out.mkdir(parents=True, exist_ok=True)
     rows = manifest_rows(plan)
     from tqdm import tqdm
 
-    bar = tqdm(total=n, desc=f"simulate {site}", unit="img", disable=not progress, file=sys.stderr)
-    for i, extra in _render_all(plan, out, opts):
+    desc = f"simulate {site}"
+    bar = tqdm(total=len(chosen), desc=desc, unit="img", disable=not progress, file=sys.stderr)
+    for i, extra in _render_all(plan, out, opts, chosen):
         rows[i] = {"file": extra["file"], **rows[i], **extra}
         bar.update(1)
     bar.close()
     manifest = out / "manifest.csv"
-    write_csv(manifest, rows)
+    write_csv(manifest, [rows[i] for i in chosen])
     info = {
         "generator": "osteofy virtual cohort",
         "software_version": __version__,
         "site": site,
         "n": n,
         "seed": seed,
+        **({"cases": chosen} if cases is not None else {}),
         "preset": preset,
         "max_side": opts.max_side,
         "compression": opts.compression,

@@ -21,13 +21,24 @@ def test_headless_demo_sends_scans_through_the_chain_to_the_dashboard(
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "synthetic data only" in out
-    assert "3/3 scans stored by the bridge, 3 screened, 3 on the dashboard." in out
-    assert out.count("arrived") == 3
+    assert (
+        "3/3 scans stored by the bridge, 3 screened, 3 screened again with the technician's "
+        "facts, 6 results on the dashboard." in out
+    )
+    assert out.count("dashboard: arrived") == 3
     assert "local screen:  http://127.0.0.1:" in out and "dashboard:     http://127.0.0.1:" in out
     assert "confirm with DXA" in out
-    # Both sites went through (2 hands and 1 hip for 3 scans).
-    table = [line for line in out.splitlines() if line.strip().endswith("arrived")]
-    assert {line.split()[1] for line in table} == {"hand", "hip"}
+    # Both sites went through (2 hands and 1 hip for 3 scans): the first of each site is the
+    # clear osteoporosis case, the second hand a normal one (chosen by planned T-score).
+    table = [line.split() for line in out.splitlines() if line.strip().endswith("arrived")]
+    assert [(row[1], row[3]) for row in table] == [
+        ("hand", "osteoporosis"),
+        ("hand", "normal"),
+        ("hip", "osteoporosis"),
+    ]
+    # Each scan shows the header-only answer, the answer with the typed facts, and a verdict.
+    assert out.count("     header   ") == 3 and out.count("     + facts  ") == 3
+    assert out.count("     screen class ") == 3
 
 
 def test_headless_demo_without_a_broker_says_offline_and_fails(
@@ -71,4 +82,4 @@ def test_the_readme_main_command_runs_headless_as_a_new_user_would(tmp_path: Pat
         },
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "2/2 scans stored by the bridge, 2 screened, 2 on the dashboard." in proc.stdout
+    assert "2/2 scans stored by the bridge, 2 screened, 2 screened again" in proc.stdout

@@ -206,3 +206,21 @@ def test_check_on_a_folder_without_manifest_is_rejected(
 ) -> None:
     assert main(["simulate", "--check", str(tmp_path)]) == 3
     assert "no manifest.csv" in capsys.readouterr().err
+
+
+def test_chosen_cases_are_rendered_exactly_as_in_the_full_cohort(tmp_path: Path) -> None:
+    """``simulate(cases=...)`` (the demo's chosen scans): the same rows and pixels, only fewer."""
+    opts = SimulateOptions(max_side=256, counterfactual=False)
+    simulate(tmp_path / "all", "hand", 4, 5, options=opts, progress=False)
+    simulate(tmp_path / "some", "hand", 4, 5, options=opts, progress=False, cases=[3, 1])
+    full, some = _rows(tmp_path / "all"), _rows(tmp_path / "some")
+    assert [r["case_id"] for r in some] == [full[1]["case_id"], full[3]["case_id"]]
+    def same(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k != "render_ms"}  # a timing, not content
+
+    assert [same(r) for r in some] == [same(full[1]), same(full[3])]
+    for r in some:
+        a = pydicom.dcmread(tmp_path / "all" / r["file"]).pixel_array
+        assert np.array_equal(a, pydicom.dcmread(tmp_path / "some" / r["file"]).pixel_array)
+    with pytest.raises(Exception, match="cases must be indices"):
+        simulate(tmp_path / "bad", "hand", 4, 5, options=opts, progress=False, cases=[4])
