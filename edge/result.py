@@ -45,9 +45,16 @@ class Probs(_Strict):
 
 
 class Prediction(_Strict):
-    class_: Literal["normal", "osteopenia", "osteoporosis"] = Field(alias="class")
+    class_: Literal["normal", "osteopenia", "osteoporosis"] = Field(
+        alias="class",
+        description="by the model card's answer rule: for ordinal packages the WHO band of "
+        "tscore (so the two never disagree), for older ones the most probable class",
+    )
     probs: Probs
-    tscore: float = Field(description="estimated T-score (screening aid, not a DXA value)")
+    tscore: float = Field(
+        description="estimated T-score (screening aid, not a DXA value), rounded to two "
+        "decimals without leaving its WHO band"
+    )
     refer: bool = Field(description="P(osteoporosis) >= the model's referral threshold")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
