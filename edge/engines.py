@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
@@ -40,6 +41,8 @@ ENGINE_PRECISIONS = ("int8", "fp16")
 # Which ONNX file of the package each engine precision is built from. INT8 comes only from the
 # QDQ file (explicit quantization); FP16 only from the FP32 file and only when asked for.
 SOURCE_FILES = {"int8": PRECISION_FILES["int8"], "fp16": PRECISION_FILES["fp32"]}
+MIN_TENSORRT_MAJOR = 10
+TEGRA_RELEASE = "/etc/nv_tegra_release"  # L4T's release line, on Jetsons only
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -215,26 +218,56 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _python_hint() -> str:
+    """On a Jetson, JetPack's TensorRT bindings exist for its system Python (3.10) only."""
+    if Path(TEGRA_RELEASE).exists() and sys.version_info[:2] != (3, 10):
+        here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        return f" from /usr/bin/python3 (3.10; this is Python {here})"
+    return ""
+
+
+def check_tensorrt_version(version: str) -> str:
+    """``version`` if it is TensorRT 10 or newer; else ``Unavailable`` naming what was found.
+
+    The builder and the backend use TensorRT 10's named-tensor API and strongly typed
+    networks; TensorRT 8.x (JetPack 5 and 6.0) has neither, and would fail mid-build with an
+    AttributeError instead of a reason.
+    """
+    major = version.split(".", 1)[0]
+    if not major.isdigit() or int(major) < MIN_TENSORRT_MAJOR:
+        found = f"TensorRT {version}" if version else "a TensorRT without a version"
+        raise Unavailable(
+            f"{found} found; engines need TensorRT {MIN_TENSORRT_MAJOR} or newer "
+            "(JetPack 6.1+; see docs/jetson.md)"
+        )
+    return version
+
+
 def probe_device(index: int = 0) -> DeviceInfo:
     """GPU name, compute capability and TensorRT version; ``Unavailable`` with one line if not.
 
-    Imports tensorrt and pycuda here, never at module import.
+    Imports tensorrt and pycuda here, never at module import. Any failure of theirs (an old
+    TensorRT, a CUDA error) becomes ``Unavailable`` so that ``backend: auto`` can fall back.
     """
     try:
         import tensorrt as trt
-    except ImportError:
+    except ModuleNotFoundError:
         raise Unavailable(
             "TensorRT is not installed (pip install tensorrt, or on a Jetson JetPack's "
-            "python3-libnvinfer in a venv made with --system-site-packages; see docs/jetson.md)"
+            f"python3-libnvinfer in a venv made with --system-site-packages{_python_hint()}; "
+            "see docs/jetson.md)"
         ) from None
-    except OSError as exc:  # the bindings exist but libnvinfer.so cannot be loaded
+    except (ImportError, OSError) as exc:  # the bindings exist but libnvinfer.so cannot load
         raise Unavailable(f"TensorRT's libraries cannot be loaded ({_first_line(exc)})") from None
+    version = check_tensorrt_version(str(getattr(trt, "__version__", "")))
     try:
         import pycuda.driver as cuda
-    except ImportError:
+    except ModuleNotFoundError:
         raise Unavailable(
             "pycuda is not installed (pip install pycuda with nvcc on PATH; see docs/jetson.md)"
         ) from None
+    except (ImportError, OSError) as exc:  # installed, but built for a CUDA that is not here
+        raise Unavailable(f"pycuda cannot be loaded ({_first_line(exc)})") from None
     try:
         cuda.init()
         count = cuda.Device.count()
@@ -250,7 +283,7 @@ def probe_device(index: int = 0) -> DeviceInfo:
     return DeviceInfo(
         gpu_name=name,
         compute_capability=f"{major}.{minor}",
-        tensorrt_version=str(trt.__version__),
+        tensorrt_version=version,
     )
 
 

@@ -12,6 +12,7 @@ result is ready before any PNG is encoded.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -43,7 +44,7 @@ from edge.result import (
     pseudonym,
     utc_now,
 )
-from edge.select import Choice, choose
+from edge.select import Choice, choose, fall_back
 from osteofy.config import Config
 from osteofy.errors import InputRejected, Unavailable
 
@@ -145,6 +146,10 @@ class Screener:
         create_secret: bool = True,
     ) -> None:
         self.cfg = cfg
+        self._precision = precision or cfg.precision
+        self._threads = threads
+        self._record = create_secret
+        self._swap = threading.Lock()
         self.models: dict[str, Loaded] = {}
         self.problems: dict[str, str] = {}
         found = discover(cfg.models_dir)
@@ -208,6 +213,42 @@ class Screener:
         else:  # a read-only check (doctor): report it, do not make it
             self.secret = b""
 
+    def _fall_back(self, site: str, failed: Loaded, error: Unavailable) -> Loaded:
+        """ONNX Runtime for ``site`` after its TensorRT engine failed (``backend: auto``)."""
+        with self._swap:
+            current = self.models[site]
+            if current is not failed:  # another thread has already swapped it
+                return current
+            choice = fall_back(
+                failed.pkg,
+                failed.choice,
+                error,
+                self._precision,
+                self._threads,
+                self.cfg.data_dir / "precision.json",
+                self._record,
+            )
+            pkg = failed.pkg
+            loaded = Loaded(
+                pkg, choice, sha256_file(pkg.model_file(choice.backend.precision)), failed.rule
+            )
+            self.models[site] = loaded
+            audit_event(
+                "model_chosen",
+                site=site,
+                package=pkg.path.name,
+                version=str(pkg.card.get("version", "")),
+                backend=choice.backend.name,
+                precision=choice.backend.precision,
+                sha256=loaded.sha256,
+            )
+            return loaded
+
+    def close(self) -> None:
+        """Release every backend (GPU memory, sessions)."""
+        for loaded in self.models.values():
+            loaded.choice.backend.close()
+
     @property
     def sites(self) -> set[str]:
         return set(self.models)
@@ -230,7 +271,13 @@ class Screener:
         if not pkg.card.get("clinical_inputs", True):
             vec = all_missing(vec)
         t2 = time.perf_counter()
-        out = loaded.choice.backend.run(image, vec)
+        try:
+            out = loaded.choice.backend.run(image, vec)
+        except Unavailable as exc:
+            if not loaded.choice.may_fall_back:
+                raise
+            loaded = self._fall_back(study.site, loaded, exc)
+            out = loaded.choice.backend.run(image, vec)
         ood = float(out["ood"][0, 0])
         thr = float(pkg.card["ood"]["threshold"])
         if not np.isfinite(ood) or ood > thr:

@@ -411,6 +411,7 @@ class ScreenApp:
                 "backend": BACKEND.get(m.choice.backend.name, m.choice.backend.name),
                 "precision": m.choice.backend.precision.upper(),
                 "reason": m.choice.reason,
+                "fallback": m.choice.fallback,  # why the CPU runs what the GPU would
             }
             for site, m in sorted(svc.screener.models.items())
         ]

@@ -2,9 +2,12 @@
 
 Rules (STYLE.md, habit 4 — no silent downgrade):
 
-* ``backend: auto`` uses TensorRT when the library, a GPU and a built engine are all present,
-  else ONNX Runtime, and the reason is recorded (shown by ``osteofy doctor``, the status topic
-  and the log). ``backend: tensorrt`` asked explicitly fails when TensorRT cannot run.
+* ``backend: auto`` uses TensorRT when the library (10 or newer), a GPU and a built engine
+  are all present, else ONNX Runtime; TensorRT's one-line reason goes into the choice's
+  reason (shown by ``osteofy doctor`` and the local screen) and the log, at INFO. If the
+  TensorRT engine fails later, at run time (a CUDA error such as out of memory),
+  ``fall_back`` swaps in ONNX Runtime the same way. ``backend: tensorrt`` asked explicitly
+  fails when TensorRT cannot run.
 * ``precision: auto`` on ONNX Runtime runs INT8 only when the package's INT8 file passed the
   fidelity gates, and only when it is faster *on this CPU* (measured interleaved, a fraction
   of a second): on CPUs without fast INT8 instructions FP32 wins. The measurement is kept in
@@ -45,6 +48,8 @@ class Choice:
     backend: Backend
     reason: str
     latency_ms: dict = field(default_factory=dict)
+    may_fall_back: bool = False  # ``auto`` chose TensorRT: ONNX Runtime may replace it
+    fallback: str = ""  # why ``auto`` runs ONNX Runtime instead of TensorRT ("" if it does not)
 
     @property
     def summary(self) -> dict:
@@ -52,6 +57,7 @@ class Choice:
             "backend": self.backend.name,
             "precision": self.backend.precision,
             "reason": self.reason,
+            **({"fallback": self.fallback} if self.fallback else {}),
             **({"latency_ms": self.latency_ms} if self.latency_ms else {}),
         }
 
@@ -84,14 +90,43 @@ def choose(
     trt_reason = ""
     if backend in ("auto", "tensorrt"):
         try:
-            return _tensorrt(pkg, precision, engine_cache)
+            chosen = _tensorrt(pkg, precision, engine_cache)
+            chosen.may_fall_back = backend == "auto"
+            return chosen
         except Unavailable as exc:
             if backend == "tensorrt":
                 raise
-            trt_reason = "TensorRT not available (see `osteofy doctor`); "
-            log.debug("%s: TensorRT not used: %s", pkg.name, exc)
+            trt_reason = f"TensorRT unavailable: {exc}; "
+            log.info("%s: backend auto: no TensorRT (%s); ONNX Runtime runs", pkg.name, exc)
     choice = _onnxruntime(pkg, precision, threads, decisions, record)
     choice.reason = trt_reason + choice.reason
+    choice.fallback = trt_reason.removesuffix("; ")
+    return choice
+
+
+def fall_back(
+    pkg: ModelPackage,
+    failed: Choice,
+    error: Exception,
+    precision: str = "auto",
+    threads: int | None = None,
+    decisions: Path | None = None,
+    record: bool = True,
+) -> Choice:
+    """ONNX Runtime in place of a TensorRT choice that failed at run time; the old one closed.
+
+    Only for choices made by ``backend: auto`` (``may_fall_back``); the reason says what
+    failed, so the downgrade is visible on the screen and in doctor, and logged.
+    """
+    if not failed.may_fall_back:
+        raise UsageError("this backend was configured explicitly; it does not fall back")
+    failed.backend.close()
+    log.warning(
+        "%s: TensorRT failed (%s); backend auto falls back to ONNX Runtime", pkg.name, error
+    )
+    choice = _onnxruntime(pkg, precision, threads, decisions, record)
+    choice.fallback = f"TensorRT failed at run time: {error}"
+    choice.reason = f"{choice.fallback}; {choice.reason}"
     return choice
 
 

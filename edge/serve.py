@@ -116,6 +116,7 @@ class EdgeService:
         self.folders = Folders(cfg.data_dir)
         self.folders.create()
         _remove_stale_temp(self.folders.overlays)
+        self._owns_screener = screener is None  # a screener passed in is its owner's to close
         self.screener = screener or Screener(cfg)
         self.store = ResultStore(self.folders.root / "results.sqlite")
         m = cfg.mqtt
@@ -339,6 +340,8 @@ class EdgeService:
 
     def close(self) -> None:
         self.store.close()
+        if self._owns_screener:
+            self.screener.close()
 
 
 def start_publisher(service: EdgeService) -> Publisher | None:

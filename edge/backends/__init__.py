@@ -30,7 +30,15 @@ class Backend(Protocol):
     precision: str  # "fp32" | "int8" | "fp16": what actually runs
 
     def run(self, image: NDArray, clinical: NDArray) -> dict[str, NDArray]:
-        """The outputs of one forward pass, by name (``OUTPUTS``)."""
+        """The outputs of one forward pass, by name (``OUTPUTS``).
+
+        Raises ``Unavailable`` when the engine itself fails (a CUDA error, say), so that the
+        caller can fall back visibly; ``ValueError`` for malformed inputs.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds (sessions, GPU memory); safe to call twice."""
         ...
 
 

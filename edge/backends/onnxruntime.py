@@ -9,6 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edge.backends import OUTPUTS
+from osteofy.errors import Unavailable
 
 BATCH_DIM = "N"  # the export's name for the batch dimension (model/export.py)
 
@@ -42,6 +43,8 @@ class OnnxRuntimeBackend:
         )
 
     def run(self, image: NDArray, clinical: NDArray) -> dict[str, NDArray]:
+        if self.session is None:
+            raise Unavailable(f"ONNX Runtime session of {self.model_path.name} is closed")
         out = self.session.run(
             list(OUTPUTS),
             {
@@ -50,6 +53,10 @@ class OnnxRuntimeBackend:
             },
         )
         return dict(zip(OUTPUTS, out, strict=True))
+
+    def close(self) -> None:
+        """ONNX Runtime frees a session when it is dropped; nothing else is held."""
+        self.session = None
 
 
 def session_options(threads: int | None = None, batch: int | None = None) -> Any:

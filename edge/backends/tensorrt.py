@@ -272,16 +272,30 @@ class TensorRTBackend:
         self.expected = expected
         self._cuda = cuda
         self._lock = threading.Lock()
-        cuda.init()
-        # The primary context is the one the CUDA runtime (and so TensorRT) uses; retaining it
-        # and pushing it around each call keeps pycuda and TensorRT on one context, from any
-        # thread (pycuda.autoprimaryctx does the same for scripts).
-        self._ctx = cuda.Device(0).retain_primary_context()
-        self._ctx.push()
+        self._ctx: Any = None
+        self._device: dict[str, Any] = {}
+        self._context: Any = None
+        self._engine: Any = None
+        self._runtime: Any = None
         try:
-            self._setup(trt, cuda)
-        finally:
-            cuda.Context.pop()
+            cuda.init()
+            # The primary context is the one the CUDA runtime (and so TensorRT) uses; retaining
+            # it and pushing it around each call keeps pycuda and TensorRT on one context, from
+            # any thread (pycuda.autoprimaryctx does the same for scripts).
+            self._ctx = cuda.Device(0).retain_primary_context()
+            self._ctx.push()
+            try:
+                self._setup(trt, cuda)
+            finally:
+                cuda.Context.pop()
+        except Unavailable:
+            self.close()
+            raise
+        except Exception as exc:  # pycuda.driver.Error (MemoryError, LogicError...), TensorRT's
+            self.close()
+            raise Unavailable(
+                f"TensorRT/CUDA failed loading {self.engine_path.name} ({_first_line(exc)})"
+            ) from None
 
     def _setup(self, trt: Any, cuda: Any) -> None:
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -311,7 +325,6 @@ class TensorRTBackend:
         )
         self._stream = cuda.Stream()
         self._host: dict[str, NDArray] = {}
-        self._device: dict[str, Any] = {}
         for name in (*self.plan.inputs, *self.plan.outputs):
             count = math.prod(self.plan.shape(name, self.plan.max_batch))
             self._host[name] = cuda.pagelocked_empty(count, np.dtype(self.plan.dtypes[name]))
@@ -334,14 +347,24 @@ class TensorRTBackend:
         }
         parts: dict[str, list[NDArray]] = {name: [] for name in self.expected.outputs}
         with self._lock:
-            self._ctx.push()
+            if self._context is None:
+                raise Unavailable(f"TensorRT engine {self.engine_path.name} is closed")
             try:
-                for sl in batch_slices(n, self.plan.max_batch):
-                    out = self._run_chunk({k: v[sl] for k, v in feeds.items()}, sl.stop - sl.start)
-                    for name in parts:
-                        parts[name].append(out[name])
-            finally:
-                self._cuda.Context.pop()
+                self._ctx.push()
+                try:
+                    for sl in batch_slices(n, self.plan.max_batch):
+                        chunk = {k: v[sl] for k, v in feeds.items()}
+                        out = self._run_chunk(chunk, sl.stop - sl.start)
+                        for name in parts:
+                            parts[name].append(out[name])
+                finally:
+                    self._cuda.Context.pop()
+            except Unavailable:
+                raise
+            except Exception as exc:  # a CUDA error (out of memory, illegal address...)
+                raise Unavailable(
+                    f"TensorRT/CUDA failed running {self.engine_path.name} ({_first_line(exc)})"
+                ) from None
         return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
     def _run_chunk(self, feeds: Mapping[str, NDArray], b: int) -> dict[str, NDArray]:
@@ -361,6 +384,38 @@ class TensorRTBackend:
             cuda.memcpy_dtoh_async(views[name], self._device[name], stream)
         stream.synchronize()
         return {n: views[n].reshape(plan.shape(n, b)).copy() for n in self.expected.outputs}
+
+    def close(self) -> None:
+        """Free device buffers, context, engine and runtime, then release the primary context.
+
+        TensorRT 10's Python objects are destroyed when dropped (``destroy()`` is gone), so
+        dropping them in order — context before engine before runtime — inside the pushed CUDA
+        context is the release. Safe to call twice and after a failed construction.
+        """
+        with self._lock:
+            if self._ctx is None:
+                return
+            try:
+                self._ctx.push()
+                try:
+                    for buf in self._device.values():
+                        buf.free()
+                finally:
+                    self._device = {}
+                    self._context = None
+                    self._engine = None
+                    self._runtime = None
+                    self._cuda.Context.pop()
+                self._ctx.detach()
+            except Exception as exc:  # noqa: BLE001 - a broken context cannot be freed further
+                log.warning("TensorRT: releasing %s: %s", self.engine_path.name, _first_line(exc))
+            finally:
+                self._ctx = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def backend_for_package(

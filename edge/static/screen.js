@@ -79,6 +79,9 @@
     $("st-model").textContent = !ms.length ? "No model"
       : same ? `${ms.map((m) => `${m.name} ${m.version}`).join(", ")} · ${ms[0].backend} ${ms[0].precision}`
         : ms.map((m) => `${m.name} ${m.version} (${m.backend} ${m.precision})`).join(", ");
+    const fell = ms.filter((m) => m.fallback);
+    if (fell.length) $("st-model").textContent += " · GPU unavailable, screening on the CPU";
+    $("st-model").title = fell.map((m) => `${m.name}: ${m.fallback}`).join("\n");
     const mq = $("st-mqtt");
     mq.textContent = st.mqtt.text;
     mq.className = `st st-${st.mqtt.state}`;
