@@ -3,7 +3,11 @@
 A serialized TensorRT engine is only valid for the TensorRT version and the GPU it was built
 on (TensorRT developer guide, "engines are specific to the TensorRT version and GPU"), and of
 course for the exact ONNX file and precision it came from. So engines are built on the device
-at first start and cached under a key made of exactly those facts:
+at first start and cached under a key made of every fact that could make TensorRT refuse the
+plan: the full TensorRT version (build number included), the CUDA driver version, the L4T
+(JetPack) release on a Jetson, the GPU's name and compute capability, the model file's sha256
+and the precision. Even then the key is not proof: ``quantize.engine`` deserializes a cached
+plan before reusing it and rebuilds it when TensorRT refuses it.
 
     <cache>/<model-name>/<digest>.engine   the serialized engine (opaque bytes)
     <cache>/<model-name>/<digest>.json     sidecar: the key, the engine's sha256, build settings
@@ -35,7 +39,7 @@ from osteofy.fsutil import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-ENGINE_SCHEMA = "osteofy.engine.v1"
+ENGINE_SCHEMA = "osteofy.engine.v2"  # v2: the key has CUDA and L4T; v1 entries rebuild
 DIGEST_CHARS = 24  # 96 bits of sha256: ample for a per-model folder of a few engines
 ENGINE_PRECISIONS = ("int8", "fp16")
 # Which ONNX file of the package each engine precision is built from. INT8 comes only from the
@@ -52,7 +56,15 @@ class DeviceInfo:
 
     gpu_name: str
     compute_capability: str  # "8.7" (Orin), "7.2" (Xavier)
-    tensorrt_version: str
+    tensorrt_version: str  # full, with the build number: "10.3.0.30"
+    cuda_version: str  # of the CUDA driver: "12.6"
+    l4t_release: str  # "R36.4.0" on a Jetson (JetPack 6.1), "" elsewhere
+
+    @property
+    def digest(self) -> str:
+        """Names this device's timing cache (TensorRT: specific to device, CUDA, TensorRT)."""
+        payload = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:DIGEST_CHARS]
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,8 @@ class EngineKey:
     gpu_name: str
     compute_capability: str
     tensorrt_version: str
+    cuda_version: str
+    l4t_release: str
     model_sha256: str  # of the ONNX file the engine is built from
     precision: str  # "int8" | "fp16"
 
@@ -139,6 +153,8 @@ def key_for(pkg: ModelPackage, device: DeviceInfo, precision: str) -> EngineKey:
         gpu_name=device.gpu_name,
         compute_capability=device.compute_capability,
         tensorrt_version=device.tensorrt_version,
+        cuda_version=device.cuda_version,
+        l4t_release=device.l4t_release,
         model_sha256=str(digest),
         precision=precision,
     )
@@ -276,6 +292,7 @@ def probe_device(index: int = 0) -> DeviceInfo:
         dev = cuda.Device(index)
         major, minor = dev.compute_capability()
         name = str(dev.name())
+        driver = int(cuda.get_driver_version())  # 12060 -> CUDA 12.6
     except Unavailable:
         raise
     except Exception as exc:  # pycuda raises its own hierarchy (LogicError, RuntimeError...)
@@ -284,6 +301,8 @@ def probe_device(index: int = 0) -> DeviceInfo:
         gpu_name=name,
         compute_capability=f"{major}.{minor}",
         tensorrt_version=version,
+        cuda_version=f"{driver // 1000}.{driver % 1000 // 10}",
+        l4t_release=l4t_release(),
     )
 
 
@@ -293,7 +312,48 @@ def tensorrt_status() -> tuple[bool, str]:
         dev = probe_device()
     except Unavailable as exc:
         return False, str(exc)
+    l4t = f", L4T {dev.l4t_release}" if dev.l4t_release else ""
     return True, (
         f"TensorRT {dev.tensorrt_version} on {dev.gpu_name} "
-        f"(compute capability {dev.compute_capability})"
+        f"(compute capability {dev.compute_capability}, CUDA {dev.cuda_version}{l4t})"
     )
+
+
+_L4T = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([0-9.]+)")
+
+
+def l4t_release(path: Path | str | None = None) -> str:
+    """The L4T release of a Jetson, "R36.4.0", from ``/etc/nv_tegra_release``; "" elsewhere.
+
+    Its first line reads ``# R36 (release), REVISION: 4.0, GCID: ..., BOARD: ...``. A file that
+    exists but does not parse is kept whole (one line), so a JetPack change still changes
+    the key instead of being hidden.
+    """
+    try:
+        text = Path(path or TEGRA_RELEASE).read_text(encoding="utf-8", errors="replace")
+        first = text.splitlines()[0]
+    except (OSError, IndexError):
+        return ""
+    m = _L4T.match(first.strip())
+    return f"R{m.group(1)}.{m.group(2)}" if m else " ".join(first.split())[:120]
+
+
+def plan_refusal(path: Path) -> str:
+    """Why TensorRT refuses to deserialize the plan at ``path``; "" when it loads.
+
+    A matching key and sha256 say the bytes are the ones written, not that this TensorRT
+    will load them (a driver update, a plan written by a build that crashed in TensorRT):
+    only deserializing does. The engine is dropped at once; nothing runs.
+    """
+    import tensorrt as trt
+
+    try:
+        data = path.read_bytes()
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(data)
+    except Exception as exc:  # noqa: BLE001 - OSError, or TensorRT's RuntimeError/TypeError
+        return _first_line(exc)
+    if engine is None:
+        return "TensorRT could not deserialize it"
+    del engine, runtime
+    return ""

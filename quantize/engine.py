@@ -17,6 +17,9 @@ Networks are always explicit-batch in TensorRT 10 (``EXPLICIT_BATCH`` is depreca
 ignored), so the flag is not passed. The batch dimension is dynamic with one optimization
 profile: min 1, opt 1 (the device screens one radiograph at a time), max ``max_batch``.
 
+A cached engine is reused only after TensorRT has deserialized it (``plan_refusal``); one that
+does not load is rebuilt. Builds share one timing cache per device (``timing_cache_path``).
+
 The pure helpers (``build_settings``, ``profile_shapes``, ``check_*``, ``check_qdq_model``) are
 testable without TensorRT; ``_serialize`` is the only code that touches it.
 """
@@ -33,15 +36,18 @@ from edge.backends import INPUTS
 from edge.backends.tensorrt import ExpectedIO
 from edge.engines import (
     SOURCE_FILES,
+    DeviceInfo,
     check_precision,
     key_for,
     load_entry,
+    plan_refusal,
     probe_device,
     source_onnx,
     store_engine,
 )
 from edge.package import load_package
 from osteofy.errors import Unavailable, UsageError
+from osteofy.fsutil import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +202,14 @@ def build_engine(
     key = key_for(pkg, device, precision)
     entry = None if force else load_entry(cache_dir, key)
     if entry is not None and entry.meta.get("settings") == settings:
-        log.info("TensorRT %s engine of %s is cached: %s", precision, pkg.name, entry.engine_path)
-        return entry.engine_path
-    if entry is not None:
+        refused = plan_refusal(entry.engine_path)  # trusted only once TensorRT has loaded it
+        if not refused:
+            log.info(
+                "TensorRT %s engine of %s is cached: %s", precision, pkg.name, entry.engine_path
+            )
+            return entry.engine_path
+        log.warning("cached engine %s does not load (%s); rebuilding", entry.engine_path, refused)
+    elif entry is not None:
         log.info("cached engine %s was built with other settings; rebuilding", entry.engine_path)
     log.info(
         "building the TensorRT %s engine of %s on %s (TensorRT %s); this takes minutes",
@@ -209,7 +220,13 @@ def build_engine(
     )
     t0 = time.monotonic()
     data = _serialize(
-        onnx_path, precision, workspace_mb, expected, max_batch, device.compute_capability
+        onnx_path,
+        precision,
+        workspace_mb,
+        expected,
+        max_batch,
+        device.compute_capability,
+        timing_cache_path(cache_dir, device),
     )
     seconds = time.monotonic() - t0
     path = store_engine(cache_dir, key, data, settings, build_seconds=seconds)
@@ -224,8 +241,50 @@ def _serialize(
     expected: ExpectedIO,
     max_batch: int,
     compute_capability: str,
+    timing_cache: Path | None = None,
 ) -> bytes:
-    """Parse ``onnx_path`` and build the serialized engine (TensorRT 10 Python API)."""
+    """Parse ``onnx_path`` and build the serialized engine (TensorRT 10 Python API).
+
+    Every TensorRT exception (the bindings raise RuntimeError/TypeError, and an older
+    TensorRT AttributeError) becomes a one-line ``Unavailable``.
+    """
+    try:
+        return _build(
+            onnx_path,
+            precision,
+            workspace_mb,
+            expected,
+            max_batch,
+            compute_capability,
+            timing_cache,
+        )
+    except Unavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one line instead of a traceback
+        text = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        raise Unavailable(f"TensorRT failed building {onnx_path.name} ({detail})") from None
+
+
+def timing_cache_path(cache_dir: Path, device: DeviceInfo) -> Path:
+    """Where this device's timing cache lives: one per device, CUDA and TensorRT version.
+
+    The cache keeps the builder's tactic timings, so a rebuild (a new model version, another
+    profile) takes a fraction of the first build's minutes; it only speeds up tactic
+    selection and never changes which engines are valid.
+    """
+    return Path(cache_dir) / "timing" / f"{device.digest}.cache"
+
+
+def _build(
+    onnx_path: Path,
+    precision: str,
+    workspace_mb: int,
+    expected: ExpectedIO,
+    max_batch: int,
+    compute_capability: str,
+    timing_cache: Path | None,
+) -> bytes:
     import tensorrt as trt
 
     logger = _collecting_logger(trt)
@@ -263,12 +322,42 @@ def _serialize(
     for name, (mn, opt, mx) in profile_shapes(expected, max_batch).items():
         profile.set_shape(name, mn, opt, mx)
     config.add_optimization_profile(profile)
+    if timing_cache is not None:
+        _attach_timing_cache(config, timing_cache)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         detail = " ".join(logger.errors[-1].split()) if logger.errors else "no message"
         raise Unavailable(f"TensorRT could not build an engine from {onnx_path.name}: {detail}")
+    if timing_cache is not None:
+        _save_timing_cache(config, timing_cache)
     return bytes(serialized)
+
+
+def _attach_timing_cache(config: Any, path: Path) -> None:
+    """Load the device's timing cache into ``config`` (a new, empty one if absent or bad)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    try:
+        cache = config.create_timing_cache(data)
+        ok = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
+    except Exception:  # noqa: BLE001 - a damaged file: TensorRT raises rather than returns
+        ok = False
+    if not ok:
+        log.warning("timing cache %s refused by TensorRT; starting an empty one", path)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+def _save_timing_cache(config: Any, path: Path) -> None:
+    """Write the timing cache back (atomically); a failure costs only build time later."""
+    try:
+        data = bytes(config.get_timing_cache().serialize())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    except (OSError, RuntimeError) as exc:
+        log.warning("timing cache %s not saved (%s)", path, exc)
 
 
 def _collecting_logger(trt: Any) -> Any:

@@ -60,11 +60,19 @@ KEY = EngineKey(
     model_name="hand-v1",
     gpu_name="Orin",
     compute_capability="8.7",
-    tensorrt_version="10.3.0",
+    tensorrt_version="10.3.0.30",
+    cuda_version="12.6",
+    l4t_release="R36.4.0",
     model_sha256="ab" * 32,
     precision="int8",
 )
-DEVICE = DeviceInfo(gpu_name="Orin", compute_capability="8.7", tensorrt_version="10.3.0")
+DEVICE = DeviceInfo(
+    gpu_name="Orin",
+    compute_capability="8.7",
+    tensorrt_version="10.3.0.30",
+    cuda_version="12.6",
+    l4t_release="R36.4.0",
+)
 EXPECTED = ExpectedIO(image_size=320, clinical_width=26)
 
 
@@ -87,7 +95,8 @@ def test_digest_is_stable_across_processes() -> None:
     assert out.stdout.strip() == KEY.digest
     assert len(KEY.digest) == 24 and int(KEY.digest, 16) >= 0
     # A regression guard: changing the digest recipe silently orphans every device's cache.
-    assert KEY.digest == "cd99ea5faad26fc77352a44a"
+    # (Changed once on purpose: schema v2 added the CUDA and L4T versions to the key.)
+    assert KEY.digest == "867e9ec01c7818d0e7e2ca4e"
 
 
 @pytest.mark.parametrize("field", [f.name for f in fields(EngineKey)])
@@ -107,7 +116,8 @@ def test_key_for_a_package_uses_the_card_digest_of_the_source_file() -> None:
     key = key_for(pkg, DEVICE, "fp16")
     assert key.model_sha256 == pkg.card["files"]["model.onnx"] == sha256_file(HAND / "model.onnx")
     assert (key.model_name, key.gpu_name, key.compute_capability) == ("hand-v1", "Orin", "8.7")
-    assert key.tensorrt_version == "10.3.0" and key.precision == "fp16"
+    assert key.tensorrt_version == "10.3.0.30" and key.precision == "fp16"
+    assert (key.cuda_version, key.l4t_release) == ("12.6", "R36.4.0")
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "", ".hidden", "x" * 200, "a\\b"])
@@ -131,7 +141,7 @@ def test_stored_engine_is_found_with_its_sidecar(tmp_path: Path) -> None:
 
 def test_another_key_does_not_find_the_engine(tmp_path: Path) -> None:
     store_engine(tmp_path, KEY, b"engine", {})
-    for other in (replace(KEY, tensorrt_version="10.4.0"), replace(KEY, gpu_name="Xavier")):
+    for other in (replace(KEY, tensorrt_version="10.3.0.31"), replace(KEY, gpu_name="Xavier")):
         assert find_engine(tmp_path, other) is None
 
 
@@ -449,6 +459,7 @@ def test_build_reuses_the_cache_and_rebuilds_on_force_or_new_settings(
 
     monkeypatch.setattr(qengine, "probe_device", lambda: DEVICE)
     monkeypatch.setattr(qengine, "_serialize", serialize)
+    monkeypatch.setattr(qengine, "plan_refusal", lambda path: "")  # as if TensorRT loads it
     first = build_engine(model_dir, cache, precision="fp16", max_batch=2)
     assert build_engine(model_dir, cache, precision="fp16", max_batch=2) == first
     assert len(builds) == 1
