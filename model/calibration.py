@@ -39,9 +39,7 @@ def ece_binary(p: NDArray, y: NDArray, bins: int = BINS) -> float:
     return _binned_gap(np.asarray(p, dtype=float), np.asarray(y, dtype=float), bins)
 
 
-def noise_floor(
-    probs: NDArray, rng: np.random.Generator, draws: int = 200
-) -> dict[str, float]:
+def noise_floor(probs: NDArray, rng: np.random.Generator, draws: int = 200) -> dict[str, float]:
     """95th percentile of each ECE when the outcomes are drawn from the predictions themselves."""
     n = int(probs.shape[0])
     cum = np.cumsum(probs, axis=1)

@@ -31,6 +31,9 @@ from osteofy.fsutil import atomic_write
 
 CLASS_NAMES = ("normal", "osteopenia", "osteoporosis")
 LABEL_FILES = ("manifest.csv", "labels.csv")
+# The regions a radiologist reads for bone density on each site (virtual cohort mask names):
+# the metacarpal shafts' cortices on a hand, the proximal femur on a hip.
+MEASUREMENT_REGIONS = {"hip": ("femur",), "hand": ("mc_cortex_roi", "mc_medullary")}
 
 
 @dataclass
@@ -42,7 +45,7 @@ class Dataset:
     tscore: NDArray  # float32 [N], NaN where unknown
     facts: list[dict]
     signal: NDArray | None = None  # uint8 [N, S, S]: share of each input pixel on bone x 255
-
+    focus: NDArray | None = None  # uint8 [N, S, S]: share in the measurement region x 255
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -56,11 +59,13 @@ class Dataset:
             self.tscore[idx],
             [self.facts[i] for i in idx],
             None if self.signal is None else self.signal[idx],
+            None if self.focus is None else self.focus[idx],
         )
 
     def concat(self, other: Dataset) -> Dataset:
         """Two folders as one training set (for example a mixed-domain split)."""
         both = self.signal is not None and other.signal is not None
+        both_focus = self.focus is not None and other.focus is not None
         return Dataset(
             self.folder,
             self.rows + other.rows,
@@ -69,6 +74,7 @@ class Dataset:
             np.concatenate([self.tscore, other.tscore]),
             self.facts + other.facts,
             np.concatenate([self.signal, other.signal]) if both else None,
+            np.concatenate([self.focus, other.focus]) if both_focus else None,
         )
 
 
@@ -138,6 +144,21 @@ def _signal_one(args: tuple[str, str, PreprocessConfig]) -> NDArray:
     return np.round(map_to_input(signal, geom) * 255.0).astype(np.uint8)
 
 
+def _focus_one(args: tuple[str, str, PreprocessConfig, str]) -> NDArray:
+    """The site's measurement region carried into the model input (share per pixel)."""
+    from cohort.generate import load_masks
+    from edge.preprocess import map_to_input
+
+    path, masks_path, cfg, site = args
+    _, geom = preprocess_to_uint8(read_raw(Path(path)), cfg)
+    masks = load_masks(Path(masks_path))
+    region = np.zeros_like(masks["signal"])
+    for name in MEASUREMENT_REGIONS[site]:
+        if name in masks:
+            region |= masks[name]
+    return np.round(map_to_input(region, geom) * 255.0).astype(np.uint8)
+
+
 def _cache_path(folder: Path, cfg: PreprocessConfig, files: list[str]) -> Path:
     key = json.dumps({"cfg": cfg.to_card(), "files": files}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -151,8 +172,10 @@ def load_folder(
     workers: int | None = None,
     progress: bool = True,
     masks: bool = False,
+    focus: bool = False,
 ) -> Dataset:
-    """``masks=True`` also reads each row's ``masks_file`` (a virtual cohort) for guidance."""
+    """``masks=True`` also reads each row's ``masks_file`` (a virtual cohort) for guidance;
+    ``focus=True`` also its measurement region (needs ``site``)."""
     folder = Path(folder)
     with _label_file(folder).open(newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -185,6 +208,19 @@ def load_folder(
             mjobs = [(str(folder / r["file"]), str(folder / r["masks_file"]), cfg) for r in rows]
             signal = _run_all(_signal_one, mjobs, cfg, workers, progress, "masks")
             _save_cache(mcache, signal)
+    region = None
+    if focus:
+        if site not in MEASUREMENT_REGIONS or "masks_file" not in rows[0]:
+            raise UsageError(f"{folder}: focus guidance needs a cohort's masks and a site")
+        fcache = cache.with_name(cache.stem + "-focus.npy")
+        if fcache.is_file():
+            region = np.load(fcache)
+        else:
+            fjobs = [
+                (str(folder / r["file"]), str(folder / r["masks_file"]), cfg, site) for r in rows
+            ]
+            region = _run_all(_focus_one, fjobs, cfg, workers, progress, "regions")
+            _save_cache(fcache, region)
     return Dataset(
         folder,
         rows,
@@ -193,6 +229,7 @@ def load_folder(
         np.asarray(tscores, dtype=np.float32),
         [facts_from_row(r) for r in rows],
         signal,
+        region,
     )
 
 

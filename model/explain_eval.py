@@ -31,10 +31,10 @@ from edge.backends.onnxruntime import OnnxRuntimeBackend
 from edge.overlay import cam_to_display, peak_regions
 from edge.package import ModelPackage
 from edge.preprocess import Geometry, display_work, map_to_input, normalise, square_from_display
-from model.data import Dataset, read_raw
+from model.data import MEASUREMENT_REGIONS, Dataset, read_raw
 
 MAPS = ("predicted_class", "osteoporosis_class")
-REGIONS = {"hip": ("femur",), "hand": ("mc_cortex_roi", "mc_medullary")}
+REGIONS = MEASUREMENT_REGIONS
 OFF_BODY = 0.03
 DELETE_SHARE = 0.10
 RANDOM_DRAWS = 3

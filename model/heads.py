@@ -30,6 +30,7 @@ class Batch:
     labels: torch.Tensor
     tscore: torch.Tensor  # NaN where unknown
     signal: torch.Tensor | None  # [N,1,S,S] share of bone per pixel, for guidance
+    focus: torch.Tensor | None = None  # [N,1,S,S] share in the measurement region
 
 
 def head_name(head: str) -> str:
@@ -79,6 +80,11 @@ def loss(net: torch.nn.Module, b: Batch, cfg: Any, t_sd: float) -> dict[str, tor
             inside = F.adaptive_avg_pool2d(b.signal, f.shape[-2:])[:, 0]
             out["off_signal"] = ordinal.guidance_loss(net.contribution_map(f), inside)
             total = total + cfg.guidance * out["off_signal"]
+        if getattr(cfg, "focus", 0.0) > 0 and b.focus is not None:
+            f = p["features"]
+            region = F.adaptive_avg_pool2d(b.focus, f.shape[-2:])[:, 0]
+            out["off_focus"] = ordinal.guidance_loss(net.contribution_map(f), region)
+            total = total + cfg.focus * out["off_focus"]
     else:
         total = F.cross_entropy(p["logits"], b.labels)
         out["ce"] = total

@@ -49,6 +49,7 @@ class TrainConfig:
     tscore_weight: float = 0.3  # softmax head: weight of its T-score regression
     band_weight: float = 0.5  # ordinal head: weight of the WHO-band likelihood
     guidance: float = 0.0  # weight of the mask-guidance loss (needs the cohort's masks)
+    focus: float = 0.0  # weight of the loss that pulls the map onto the measurement region
     p_header_only: float = 0.35  # only the facts a DICOM header carries (age, sex, weight)
     p_drop_risk_all: float = 0.3  # all risk factors unknown
     p_drop_risk_each: float = 0.1
@@ -141,10 +142,13 @@ def referral_threshold(p_osteoporosis: np.ndarray, labels: np.ndarray, sensitivi
 
 
 def _load(data: Path, cfg: TrainConfig, pre: PreprocessConfig, progress: bool) -> Dataset:
-    masks = cfg.guidance > 0
-    ds = load_folder(data, pre, site=cfg.site, progress=progress, masks=masks)
+    masks, focus = cfg.guidance > 0, cfg.focus > 0
+    ds = load_folder(data, pre, site=cfg.site, progress=progress, masks=masks, focus=focus)
     for extra in cfg.extra_data:
-        ds = ds.concat(load_folder(Path(extra), pre, site=cfg.site, progress=progress, masks=masks))
+        more = load_folder(
+            Path(extra), pre, site=cfg.site, progress=progress, masks=masks, focus=focus
+        )
+        ds = ds.concat(more)
     return ds
 
 
@@ -200,9 +204,14 @@ def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Pat
         for idx in _batches(len(tr), cfg.batch_size, gen, shuffle=True):
             i = idx.numpy()
             mask = None
-            if tr.signal is not None:
-                mask = torch.from_numpy(tr.signal[i][:, None].astype(np.float32) / 255.0)
+            layers = [m[i] for m in (tr.signal, tr.focus) if m is not None]
+            if layers:
+                mask = torch.from_numpy(np.stack(layers, 1).astype(np.float32) / 255.0)
             x, mask = augment(torch.from_numpy(normalise(tr.images[i], pre)), gen, mask)
+            focus = None
+            if mask is not None and tr.focus is not None:
+                focus = mask[:, -1:]
+                mask = mask[:, :1] if tr.signal is not None else None
             c = hide_facts(torch.from_numpy(c_tr[i]), drop_mask(len(i), spec, cfg, gen))
             batch = heads.Batch(
                 _channels_last(x),
@@ -210,6 +219,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, progress: bool = True) -> Pat
                 torch.from_numpy(tr.labels[i]),
                 torch.from_numpy(tr.tscore[i]),
                 mask,
+                focus,
             )
             losses = heads.loss(net, batch, cfg, t_sd)
             opt.zero_grad()

@@ -113,6 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads or 0,
         head=args.head,
         guidance=args.guidance,
+        focus=args.focus,
         p_header_only=args.header_only_share,
         extra_data=[str(Path(d)) for d in args.data[1:]],
     )
@@ -409,6 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="weight of the mask-guidance loss that keeps the heat map on bone (needs the "
         "virtual cohort's masks; default %(default)s)",
+    )
+    tr.add_argument(
+        "--focus",
+        type=float,
+        default=0.0,
+        help="weight of the loss that pulls the heat map onto the region a radiologist reads "
+        "(metacarpal shafts, proximal femur; needs the virtual cohort's masks; default "
+        "%(default)s)",
     )
     tr.add_argument(
         "--header-only-share",

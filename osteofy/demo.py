@@ -173,7 +173,9 @@ def _send(files: list[Path], cfg: Config) -> dict[str, float]:
 
 
 def _type_risk_factors(
-    cfg: Config, service, truth: dict[str, dict]  # noqa: ANN001
+    cfg: Config,
+    service,
+    truth: dict[str, dict],  # noqa: ANN001
 ) -> dict[str, str]:
     """The technician's step: each result's risk factors into the local screen's facts form.
 

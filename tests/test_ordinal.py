@@ -152,3 +152,45 @@ def test_guidance_loss_is_the_share_of_heat_outside_bone() -> None:
     inside = torch.zeros(1, 4, 4)
     inside[0, 0, 0] = 1.0
     assert guidance_loss(m, inside).item() == pytest.approx(0.25, abs=1e-4)
+
+
+def test_focus_layer_is_the_measurement_region_inside_bone_and_moves_with_the_image(
+    small_hand_cohort: Path,
+) -> None:
+    from edge.preprocess import PreprocessConfig
+    from model.data import load_folder
+    from model.heads import Batch, loss
+    from model.train import TrainConfig, augment
+
+    pre = PreprocessConfig(size=128)
+    ds = load_folder(small_hand_cohort, pre, site="hand", progress=False, masks=True, focus=True)
+    assert ds.focus is not None and ds.signal is not None
+    focus, bone = ds.focus.astype(float) / 255.0, ds.signal.astype(float) / 255.0
+    # The metacarpal shafts: a small part of the image, almost all of it on bone.
+    share = focus.sum((1, 2)) / (bone.sum((1, 2)) + 1e-9)
+    assert np.all((share > 0.02) & (share < 0.6)), share
+    assert (np.minimum(focus, bone).sum() / focus.sum()) > 0.9
+    # Both layers ride through the same augmentation as the image.
+    gen = torch.Generator().manual_seed(0)
+    img = torch.rand(len(ds), 1, 128, 128)
+    layers = torch.from_numpy(np.stack([bone, focus], 1).astype(np.float32))
+    _, moved = augment(img, gen, layers)
+    assert moved is not None and moved.shape == layers.shape
+    # The focus term is the share of the map outside the region, added to the loss.
+    net = OrdinalFusionNet("mobilenet_v3_small", N_CLIN)
+    cfg = TrainConfig(site="hand", guidance=1.0, focus=0.5)
+    b = Batch(
+        torch.rand(len(ds), 1, 128, 128),
+        torch.zeros(len(ds), N_CLIN),
+        torch.from_numpy(ds.labels),
+        torch.from_numpy(ds.tscore),
+        layers[:, :1],
+        layers[:, 1:],
+    )
+    out = loss(net, b, cfg, 1.0)
+    assert 0.0 <= out["off_focus"].item() <= 1.0
+    assert out["off_focus"].item() >= out["off_signal"].item() - 1e-6  # region inside bone
+    expected = (
+        out["nll"] + cfg.band_weight * out["band"] + out["off_signal"] + 0.5 * out["off_focus"]
+    )
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
