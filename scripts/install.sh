@@ -120,7 +120,7 @@ command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found (--python PY: Pyt
 base="$("$PYTHON" -c 'import sys; print(sys.base_prefix)')"
 case "$base" in
 /home/* | /root/*)
-    msg="$PYTHON lives in $base, which the services cannot see (ProtectHome=yes): use a system Python (/usr/bin/python3.11) or one under /opt or /usr/local (--python PY)"
+    msg="$PYTHON lives in $base, which the services cannot see (ProtectHome=yes): use a system Python (/usr/bin/python3.10 on a device, 3.11+ for the dashboard) or one under /opt or /usr/local (--python PY)"
     if [ "$DRY_RUN" -eq 1 ]; then warn "$msg"; else die "$msg"; fi
     ;;
 esac
@@ -284,7 +284,7 @@ if [ "$JETSON" -eq 1 ]; then
             "or backend onnxruntime (docs/jetson.md)"
 fi
 extras=()
-[ "$DEVICE" -eq 0 ] || extras+=(bridge)
+[ "$DEVICE" -eq 0 ] || extras+=(device)
 [ "$CENTRAL" -eq 0 ] || extras+=(dashboard)
 spec="$(
     IFS=,
