@@ -48,9 +48,11 @@ import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from osteofy.compat import UTC
 
 __all__ = [
     "AUDIT_FILE",

@@ -29,11 +29,12 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from edge.package import PRECISION_FILES, ModelPackage, sha256_file
+from osteofy.compat import UTC
 from osteofy.errors import Unavailable, UsageError
 from osteofy.fsutil import atomic_write_bytes
 

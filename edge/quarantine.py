@@ -20,10 +20,11 @@ import logging
 import os
 import secrets
 import shutil
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from edge.audit import audit_event
+from osteofy.compat import UTC
 from osteofy.fsutil import atomic_write, fsync_dir
 
 __all__ = ["REASON_SUFFIX", "quarantine", "reason_path"]

@@ -12,12 +12,13 @@ import hashlib
 import hmac
 import os
 import secrets
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from osteofy.compat import UTC
 from osteofy.errors import UsageError
 from osteofy.fsutil import atomic_write
 

@@ -24,7 +24,7 @@ import shutil
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -36,6 +36,7 @@ from edge.clinical import RISK_FACTORS
 from edge.quarantine import reason_path
 from edge.result import CLASSES
 from osteofy import __version__
+from osteofy.compat import UTC
 from osteofy.errors import InputRejected, Unavailable
 
 if TYPE_CHECKING:

@@ -17,11 +17,12 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from firmware_bridge.errors import InboxFull
+from osteofy.compat import UTC
 from osteofy.fsutil import atomic_write
 
 __all__ = ["DEFAULT_RESERVE_BYTES", "FILE_MODE", "Inbox", "copy_stream", "new_name"]

@@ -89,6 +89,19 @@ def _print_report(report: Report, as_json: bool) -> None:
         print(report.text())
 
 
+# The training side's commands that use Python 3.11+ (the device side runs on 3.10).
+NEEDS_PYTHON_311 = ("dashboard serve", "bench", "demo")
+
+
+def _need_python_311(what: str, version: Sequence[int] | None = None) -> None:
+    have = tuple(sys.version_info[:2] if version is None else version[:2])
+    if have < (3, 11):
+        raise Unavailable(
+            f"{what} needs Python 3.11 or newer; this is {'.'.join(map(str, have))}, which runs "
+            "the device side only (screen, edge serve, bridge, doctor, build-engine)"
+        )
+
+
 def _need_torch(what: str) -> None:
     try:
         import torch  # noqa: F401
@@ -225,6 +238,7 @@ def _cmd_edge_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    _need_python_311("bench")
     try:
         from bench.pipeline import run_bench
     except ImportError:
@@ -291,6 +305,7 @@ def _dashboard_usage(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard_serve(args: argparse.Namespace) -> int:
+    _need_python_311("dashboard serve")
     from dashboard.service import serve
     from edge.audit import running
 
@@ -305,6 +320,7 @@ def _cmd_dashboard_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _need_python_311("demo")
     from osteofy.demo import run_demo
 
     return run_demo(Path(args.out), scans=args.scans, quiet=args.quiet, headless=args.headless)

@@ -22,12 +22,13 @@ import re
 import sys
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from osteofy import __version__
+from osteofy.compat import UTC
 from osteofy.fsutil import atomic_write_bytes, sha256_file
 
 __all__ = ["SPEC_VERSION", "build_sbom", "purl", "write_sbom"]

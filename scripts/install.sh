@@ -108,16 +108,19 @@ id_ok='^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'
 if [ -n "$SITE_SECRET" ] && [ ! -r "$SITE_SECRET" ]; then
     die "--site-secret $SITE_SECRET: not readable"
 fi
-command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found (--python PY: Python >= 3.11)"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
-    die "$("$PYTHON" -V 2>&1) is too old: Osteofy Edge needs Python >= 3.11 (--python PY)"
+# A device runs on Python 3.10 (JetPack 6's TensorRT bindings are for 3.10 only); the
+# dashboard needs 3.11 or newer.
+if [ "$CENTRAL" -eq 1 ]; then min_py=11; else min_py=10; fi
+command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found (--python PY: Python >= 3.$min_py)"
+"$PYTHON" -c "import sys; sys.exit(sys.version_info < (3, $min_py))" ||
+    die "$("$PYTHON" -V 2>&1) is too old: role '$ROLE' needs Python >= 3.$min_py (--python PY)"
 
 # The units hide /home and /root (ProtectHome=yes): a venv made from an interpreter there
 # (pyenv, a user's conda) would not start.
 base="$("$PYTHON" -c 'import sys; print(sys.base_prefix)')"
 case "$base" in
 /home/* | /root/*)
-    msg="$PYTHON lives in $base, which the services cannot see (ProtectHome=yes): use a system Python (/usr/bin/python3.11) or one under /opt or /usr/local (--python PY)"
+    msg="$PYTHON lives in $base, which the services cannot see (ProtectHome=yes): use a system Python (/usr/bin/python3.10 on a device, 3.11+ for the dashboard) or one under /opt or /usr/local (--python PY)"
     if [ "$DRY_RUN" -eq 1 ]; then warn "$msg"; else die "$msg"; fi
     ;;
 esac
@@ -274,11 +277,14 @@ fi
 venv_args=()
 if [ "$JETSON" -eq 1 ]; then
     venv_args+=(--system-site-packages)
-    warn "Jetson: the venv sees the system's packages (JetPack's TensorRT); TensorRT's bindings" \
-        "must be built for $("$PYTHON" -V 2>&1) (docs/jetson.md, 'Python version caveat')"
+    # JetPack's TensorRT bindings (python3-libnvinfer) are built for the system Python only.
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' ||
+        warn "Jetson: the venv sees the system's packages, but JetPack 6's TensorRT bindings" \
+            "are for Python 3.10 and this is $("$PYTHON" -V 2>&1): use --python /usr/bin/python3.10" \
+            "or backend onnxruntime (docs/jetson.md)"
 fi
 extras=()
-[ "$DEVICE" -eq 0 ] || extras+=(bridge)
+[ "$DEVICE" -eq 0 ] || extras+=(device)
 [ "$CENTRAL" -eq 0 ] || extras+=(dashboard)
 spec="$(
     IFS=,

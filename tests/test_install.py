@@ -239,6 +239,7 @@ def test_optional_secrets_become_credentials(tmp_path: Path) -> None:
         assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
 
 
+@pytest.mark.device
 def test_a_jetson_gets_the_system_packages_and_the_gpu(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/nv_tegra_release").write_text("# R36 (release), REVISION: 4.0\n")
@@ -258,6 +259,15 @@ def test_a_jetson_gets_the_system_packages_and_the_gpu(tmp_path: Path) -> None:
     (tmp_path / "etc/nv_tegra_release").unlink()
     assert install(tmp_path, "--device-id", "orin-1").returncode == 0
     assert not gpu.exists()
+
+
+@pytest.mark.device
+@pytest.mark.skipif(sys.version_info >= (3, 11), reason="the refusal on a Python older than 3.11")
+def test_the_dashboard_needs_python_311(tmp_path: Path) -> None:
+    for role in ("central", "all"):
+        proc = install(tmp_path, "--role", role)
+        assert proc.returncode == 2, proc.stderr
+        assert f"role '{role}' needs Python >= 3.11" in proc.stderr
 
 
 def test_the_central_role_installs_the_dashboard_only(tmp_path: Path) -> None:

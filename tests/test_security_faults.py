@@ -25,7 +25,7 @@ import shutil
 import sqlite3
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +37,7 @@ import edge.result
 import edge.serve
 from edge.runtime import Screener
 from edge.serve import EdgeService
+from osteofy.compat import UTC
 from osteofy.config import Config
 
 ROOT = Path(__file__).parent.parent

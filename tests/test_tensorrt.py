@@ -502,7 +502,7 @@ def _qdq_model(path: Path, zp_type: int | None, zp_value: int = 0) -> Path:
 
 
 def test_qdq_check_accepts_symmetric_int8(tmp_path: Path) -> None:
-    from onnx import TensorProto
+    TensorProto = pytest.importorskip("onnx", reason="onnx comes with the train extra").TensorProto
 
     assert check_qdq_model(_qdq_model(tmp_path / "m.onnx", TensorProto.INT8)) == 2
 
@@ -514,7 +514,7 @@ def test_qdq_check_accepts_symmetric_int8(tmp_path: Path) -> None:
 def test_qdq_check_refuses_what_tensorrt_cannot_run_as_int8(
     tmp_path: Path, zp: str | None, value: int, words: str
 ) -> None:
-    from onnx import TensorProto
+    TensorProto = pytest.importorskip("onnx", reason="onnx comes with the train extra").TensorProto
 
     zp_type = None if zp is None else getattr(TensorProto, zp)
     with pytest.raises(Unavailable, match=words):
