@@ -215,6 +215,7 @@ def test_chosen_cases_are_rendered_exactly_as_in_the_full_cohort(tmp_path: Path)
     simulate(tmp_path / "some", "hand", 4, 5, options=opts, progress=False, cases=[3, 1])
     full, some = _rows(tmp_path / "all"), _rows(tmp_path / "some")
     assert [r["case_id"] for r in some] == [full[1]["case_id"], full[3]["case_id"]]
+
     def same(r: dict) -> dict:
         return {k: v for k, v in r.items() if k != "render_ms"}  # a timing, not content
 
