@@ -31,9 +31,13 @@ from osteofy.fsutil import atomic_write
 
 CLASS_NAMES = ("normal", "osteopenia", "osteoporosis")
 LABEL_FILES = ("manifest.csv", "labels.csv")
-# The regions a radiologist reads for bone density on each site (virtual cohort mask names):
-# the metacarpal shafts' cortices on a hand, the proximal femur on a hip.
-MEASUREMENT_REGIONS = {"hip": ("femur",), "hand": ("mc_cortex_roi", "mc_medullary")}
+# The regions read for bone density on each site (virtual cohort mask names): the metacarpal
+# shafts with their cortices on a hand (radiogrammetry); on a hip the femoral-neck box and the
+# trochanteric region of a DXA hip scan.
+MEASUREMENT_REGIONS = {
+    "hip": ("fn_roi", "trochanter_roi"),
+    "hand": ("mc_cortex_roi", "mc_medullary"),
+}
 
 
 @dataclass

@@ -432,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="weight of the loss that pulls the heat map onto the region a radiologist reads "
-        "(metacarpal shafts, proximal femur; needs the virtual cohort's masks; default "
-        "%(default)s)",
+        "(metacarpal shafts; femoral neck and trochanter); needs the virtual cohort's masks "
+        "(default %(default)s)",
     )
     tr.add_argument(
         "--header-only-share",
