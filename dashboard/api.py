@@ -13,11 +13,15 @@ so every endpoint can be tested without a socket. All JSON unless said otherwise
 - ``GET /api/devices`` — one object per device: state, last heartbeat, models, problems;
 - ``GET /api/acceptance?site=&from=&to=`` — agreement and referral sensitivity/specificity
   against DXA per clinic and month (see :mod:`dashboard.acceptance`);
+- ``GET /api/dead-letters?limit=`` — messages that could not be stored, newest first (limit
+  1..500, default 100): topic, claimed site/device, reason, first/last arrival, times, size;
+- ``GET /api/dead-letters/{key}`` — one of them with its kept bytes (base64);
 - ``GET /api/stats`` — this instance's message counters and MQTT state.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -29,10 +33,12 @@ from typing import Any
 from dashboard.acceptance import summarise
 from dashboard.export import MAX_ROWS, stream_csv
 from dashboard.intake import UUID_RE
-from dashboard.query import ResultFilter, parse_filter
-from dashboard.store import Store
+from dashboard.query import BadRequest, ResultFilter, parse_filter
+from dashboard.store import Store, StoredDeadLetter
 
 _ITEM = re.compile(r"^/api/(results|overlay)/([^/]+)$")
+_DEAD_LETTER = re.compile(r"^/api/dead-letters/([0-9a-f]{64})$")
+DEAD_LETTER_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,44 @@ def _item(store: Store, kind: str, rid: str) -> Reply:
     )
 
 
+def dead_letter_json(letter: StoredDeadLetter) -> dict:
+    out = {
+        "key": letter.key,
+        "topic": letter.topic,
+        "site_id": letter.site_id,
+        "device_id": letter.device_id,
+        "category": letter.category,
+        "reason": letter.reason,
+        "first_received_at": letter.first_received_at,
+        "received_at": letter.received_at,
+        "times": letter.times,
+        "size": letter.size,
+        "truncated": letter.truncated,
+    }
+    if letter.raw is not None:
+        out["raw_base64"] = base64.b64encode(letter.raw).decode("ascii")
+    return out
+
+
+def _dead_letters(store: Store, query: dict[str, list[str]]) -> Reply:
+    values = query.get("limit", [])
+    limit = DEAD_LETTER_LIMIT
+    if len(values) > 1:
+        raise BadRequest("limit is given more than once")
+    if values:
+        if not values[0].isdigit() or not 1 <= int(values[0]) <= 500:
+            raise BadRequest("limit must be an integer from 1 to 500")
+        limit = int(values[0])
+    letters = store.dead_letters(limit=limit)
+    return json_reply(
+        HTTPStatus.OK,
+        {
+            "total": store.dead_letter_count(),
+            "dead_letters": [dead_letter_json(d) for d in letters],
+        },
+    )
+
+
 def api_reply(
     store: Store, stats: Callable[[], dict], path: str, query: dict[str, list[str]]
 ) -> Reply:
@@ -107,6 +151,14 @@ def api_reply(
         return json_reply(HTTPStatus.OK, acceptance(store, parse_filter(query)))
     if path == "/api/stats":
         return json_reply(HTTPStatus.OK, stats())
+    if path == "/api/dead-letters":
+        return _dead_letters(store, query)
+    d = _DEAD_LETTER.match(path)
+    if d:
+        letter = store.dead_letter(d.group(1))
+        if letter is None:
+            return not_found("no such dead letter")
+        return json_reply(HTTPStatus.OK, dead_letter_json(letter))
     m = _ITEM.match(path)
     if m and UUID_RE.match(m.group(2)):
         return _item(store, m.group(1), m.group(2))

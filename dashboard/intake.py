@@ -5,14 +5,15 @@
 contains payload content — a payload can hold anything, including what a buggy device should
 never have sent, so it must not reach a log. JSON payloads are validated with the same
 strict models the device builds them with (``edge.messages.MESSAGES``: unknown fields
-rejected); the site and device named by the topic (which the broker's ACL ties to the
-publishing device) must be the ones the payload names. Overlays must be a complete PNG within
-the contract's 200 KB.
+rejected) after a strict parse (:mod:`dashboard.strict_json`: UTF-8, I-JSON, no NUL, bounded
+nesting); the schema version must be one we know, every timestamp must parse and fit a store
+(years 1..9999 once in UTC); the site and device named by the topic (which the broker's ACL
+ties to the publishing device) must be the ones the payload names. Overlays must be a complete
+PNG within the contract's 200 KB.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from collections import Counter
@@ -21,7 +22,9 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, ValidationError
 
-from edge.messages import MESSAGES, TOPIC_ROOT
+from dashboard.strict_json import NotStrict, loads
+from edge.messages import MESSAGES, TOPIC_ROOT, Feedback, Heartbeat, Status
+from edge.result import Result
 
 MAX_JSON_BYTES = 256 * 1024  # a result is a few KB; refuse to parse anything much bigger
 MAX_PNG_BYTES = 200_000  # DESIGN.md, "MQTT contract": overlay <= 200 KB
@@ -29,7 +32,21 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
-CATEGORIES = ("topic", "too_large", "json", "schema", "mismatch", "timestamp", "png")
+CATEGORIES = (
+    "topic",
+    "too_large",
+    "json",
+    "text",
+    "number",
+    "version",
+    "schema",
+    "mismatch",
+    "timestamp",
+    "png",
+    "store",  # the database refused it (a check intake lacks)
+    "internal",  # intake itself failed on it (a bug; kept for a replay after the fix)
+)
+SCHEMAS = {kind: f"osteofy.{kind}.v1" for kind in MESSAGES}  # the versions we know
 
 
 class Rejected(Exception):
@@ -56,15 +73,34 @@ def safe_topic(topic: str) -> str:
     return ascii(topic[:160])
 
 
-def utc_key(text: str) -> str:
-    """ISO 8601 time -> fixed-format UTC text that sorts correctly (``…T…:…:….mmmZ``)."""
+def utc_key(text: str, name: str = "created_at") -> str:
+    """ISO 8601 time -> fixed-format UTC text that sorts correctly (``…T…:…:….mmmZ``).
+
+    :class:`Rejected` when it does not parse, or when in UTC it falls outside years 1..9999
+    (``9999-12-31T23:59:59-12:00`` is year 10000 in UTC: no store, nor Python, holds it).
+    """
     try:
         t = datetime.fromisoformat(text)
     except ValueError:
-        raise Rejected("timestamp", "created_at is not an ISO 8601 time") from None
+        raise Rejected("timestamp", f"{name} is not an ISO 8601 time") from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=UTC)  # the contract says UTC
-    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        t = t.astimezone(UTC)
+    except OverflowError:
+        raise Rejected("timestamp", f"{name} is outside years 1..9999 in UTC") from None
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _times(message: BaseModel) -> dict[str, str | None]:
+    """The timestamps a message carries, by field name."""
+    if isinstance(message, Result):
+        return {"created_at": message.created_at}
+    if isinstance(message, Heartbeat):
+        return {"at": message.at, "last_result_at": message.last_result_at}
+    if isinstance(message, Status | Feedback):
+        return {"at": message.at}
+    return {}
 
 
 def level_ok(level: str) -> bool:
@@ -106,10 +142,6 @@ def _schema_detail(exc: ValidationError) -> str:
     return f"{exc.error_count()} error(s): {', '.join(kinds)}"
 
 
-def _non_finite(name: str) -> float:
-    raise ValueError(name)
-
-
 def parse(topic: str, payload: bytes) -> Accepted:
     """Validate one message; raise :class:`Rejected` for anything we must not store."""
     site_id, device_id, kind, suffix = _split(topic)
@@ -119,13 +151,14 @@ def parse(topic: str, payload: bytes) -> Accepted:
     if len(payload) > MAX_JSON_BYTES:
         raise Rejected("too_large", f"{kind} of {len(payload)} bytes (limit {MAX_JSON_BYTES})")
     try:
-        # NaN/Infinity are not JSON, but pydantic would take them: the browser then could not
-        # parse /api/results. Deep nesting raises RecursionError.
-        obj = json.loads(payload, parse_constant=_non_finite)
-    except (ValueError, RecursionError):
-        raise Rejected("json", f"{kind}: not a JSON document of finite numbers") from None
+        obj = loads(payload)
+    except NotStrict as exc:
+        raise Rejected(exc.category, f"{kind}: {exc.detail}") from None
+    if isinstance(obj, dict) and obj.get("schema", SCHEMAS[kind]) != SCHEMAS[kind]:
+        raise Rejected("version", f"{kind}: unknown schema version (expected {SCHEMAS[kind]})")
     try:
-        message = MESSAGES[kind].model_validate(obj)
+        # Strict: JSON types as the schema says ("71" is not a number); nothing coerced.
+        message = MESSAGES[kind].model_validate(obj, strict=True)
     except ValidationError as exc:
         raise Rejected("schema", f"{kind}: {_schema_detail(exc)}") from None
     if (getattr(message, "site_id", None), getattr(message, "device_id", None)) != (
@@ -133,6 +166,9 @@ def parse(topic: str, payload: bytes) -> Accepted:
         device_id,
     ):
         raise Rejected("mismatch", f"{kind}: payload site/device differ from the topic's")
+    for name, value in _times(message).items():
+        if value is not None:
+            utc_key(value, name)
     return Accepted(kind, site_id, device_id, message=message)
 
 

@@ -17,6 +17,7 @@ from html import escape
 from urllib.parse import quote, urlencode
 
 from dashboard.query import ResultFilter
+from dashboard.store import StoredDeadLetter
 from edge.answer import tscore_text
 from edge.result import CLASSES
 
@@ -161,7 +162,34 @@ def device_rows(devices: list[dict], now: float) -> str:
     return "".join(out)
 
 
-def devices_page(devices: list[dict]) -> str:
+def dead_letter_section(letters: list[StoredDeadLetter], total: int) -> str:
+    """Messages that could not be stored: every value escaped (they are what a device sent)."""
+    if not total:
+        return '<h2>Dead letters</h2><p class="muted">No message has been refused.</p>'
+    rows = "".join(
+        "<tr>"
+        + td(when(d.received_at))
+        + td(d.site_id)
+        + td(d.device_id)
+        + td(d.topic)
+        + td(d.times, "num")
+        + td(f"{d.size:,} B", "num")
+        + td(f"{d.category}: {d.reason}", "alarm")
+        + "</tr>"
+        for d in letters
+    )
+    shown = f", the latest {len(letters)} shown" if len(letters) < total else ""
+    return (
+        f"<h2>Dead letters</h2><p>{total} message(s) could not be stored{shown}; "
+        "<code>osteofy dashboard dead-letters --replay</code> tries them again after a fix "
+        "(<code>/api/dead-letters</code>).</p>"
+        "<table><thead><tr><th>Last received</th><th>Clinic</th><th>Device</th><th>Topic</th>"
+        "<th>Times</th><th>Size</th><th>Reason</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def devices_page(devices: list[dict], dead_letters: str = "") -> str:
     rows = device_rows(devices, time.time())
     return (
         '<h1>Clinics and devices</h1><p class="live" data-live-note>refreshes every 5 s</p>'
@@ -170,6 +198,7 @@ def devices_page(devices: list[dict]) -> str:
         '<th>Software</th><th>Problems</th></tr></thead><tbody data-devices="/api/devices">'
         f"{rows}</tbody></table>"
         + ("" if devices else '<p class="muted" data-empty>No device has reported yet.</p>')
+        + dead_letters
     )
 
 

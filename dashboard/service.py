@@ -25,7 +25,7 @@ from dashboard.auth import Access, load_token, load_users
 from dashboard.ingest import Ingest
 from dashboard.intake import Counters
 from dashboard.mqtt import DEFAULT_BATCH, BrokerSettings, Subscriber, broker_settings
-from dashboard.store import open_store
+from dashboard.store import StoreError, open_store
 from dashboard.web import App, WebServer
 from osteofy.config import Config
 from osteofy.errors import Unavailable
@@ -78,8 +78,13 @@ class Dashboard:
 
     def stats(self) -> dict:
         sub = self.subscriber
+        try:
+            dead: int | None = self.store.dead_letter_count()
+        except StoreError:
+            dead = None  # the counters still answer while the database is down
         return {
             "counts": self.counters.snapshot(),
+            "dead_letters": dead,
             "mqtt": None
             if sub is None
             else {

@@ -1,10 +1,13 @@
 """The SQL both back ends share (``?`` placeholders; PostgreSQL's module rewrites them).
 
 Payloads are kept verbatim as JSON text (they were validated on the way in), plus the few
-columns the pages sort and filter on; the two fields a filter or a statistic needs from inside
-a payload (``prediction.class``, ``prediction.refer``) are read with each database's own JSON
-path operator (:meth:`SqlStore._json_text`), so the schema needs no migration for them.
-Devices are one row each, upserted from ``status`` and ``heartbeat``.
+columns the pages sort and filter on — among them ``class`` and ``refer`` copied from
+``prediction`` when the row is written. They used to be read from the payload with each
+database's JSON operator, but PostgreSQL's refuses a whole payload that holds ``"\u0000"``
+anywhere, so one such row made every class-filtered view fail; rows from before the columns
+existed get them from :meth:`SqlStore._backfill`, decoded by Python, which takes any payload.
+Devices are one row each, upserted from ``status`` and ``heartbeat``. Dead letters are one
+row per distinct (topic, payload), with the first and last time it came and how often.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Any, assert_never
 
 from dashboard.query import ResultFilter
 from dashboard.store import (
+    DEAD_LETTER_BYTES,
+    ClearDeadLetter,
+    DeadLetter,
     DeviceHeartbeat,
     DeviceStatus,
     FeedbackOutcome,
@@ -23,6 +29,7 @@ from dashboard.store import (
     NewOverlay,
     NewResult,
     Store,
+    StoredDeadLetter,
     StoredResult,
     Write,
 )
@@ -34,7 +41,9 @@ CREATE TABLE IF NOT EXISTS results (
     device_id   TEXT NOT NULL,
     created_at  TEXT NOT NULL,
     received_at TEXT NOT NULL,
-    payload     TEXT NOT NULL
+    payload     TEXT NOT NULL,
+    class       TEXT,
+    refer       INTEGER
 );
 CREATE INDEX IF NOT EXISTS results_newest ON results (created_at, result_id);
 CREATE INDEX IF NOT EXISTS results_site ON results (site_id, created_at);
@@ -65,12 +74,28 @@ CREATE TABLE IF NOT EXISTS devices (
     heartbeat    TEXT,
     heartbeat_at TEXT,
     PRIMARY KEY (site_id, device_id)
-)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    key               TEXT PRIMARY KEY,
+    topic             TEXT NOT NULL,
+    site_id           TEXT,
+    device_id         TEXT,
+    category          TEXT NOT NULL,
+    reason            TEXT NOT NULL,
+    first_received_at TEXT NOT NULL,
+    received_at       TEXT NOT NULL,
+    times             INTEGER NOT NULL,
+    size              INTEGER NOT NULL,
+    raw               {blob} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_newest ON dead_letters (received_at)
 """
 
+# Added after the first release: a store made before them gets them from its migration.
+RESULT_COLUMNS = {"class": "TEXT", "refer": "INTEGER"}
 _INSERT_RESULT = (
-    "INSERT INTO results (result_id, site_id, device_id, created_at, received_at, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (result_id) DO NOTHING"
+    "INSERT INTO results (result_id, site_id, device_id, created_at, received_at, payload, "
+    "class, refer) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (result_id) DO NOTHING"
 )
 _INSERT_OVERLAY = (
     "INSERT INTO overlays (site_id, device_id, result_id, received_at, png) "
@@ -93,6 +118,19 @@ INSERT INTO devices (site_id, device_id, heartbeat, heartbeat_at) VALUES (?, ?, 
 ON CONFLICT (site_id, device_id) DO UPDATE SET
     heartbeat = excluded.heartbeat, heartbeat_at = excluded.heartbeat_at
 """
+# The same bad message again: one row, counted (a redelivery, or a device that keeps sending it).
+_UPSERT_DEAD_LETTER = """
+INSERT INTO dead_letters (key, topic, site_id, device_id, category, reason, first_received_at,
+    received_at, times, size, raw)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)
+ON CONFLICT (key) DO UPDATE SET
+    category = excluded.category, reason = excluded.reason,
+    received_at = excluded.received_at, times = dead_letters.times + 1
+"""
+_DELETE_DEAD_LETTER = "DELETE FROM dead_letters WHERE key = ?"
+_DEAD_LETTER_COLUMNS = (
+    "key, topic, site_id, device_id, category, reason, first_received_at, received_at, times, size"
+)
 # An overlay or a feedback counts only when it came from the device that published the result.
 _OVERLAY_JOIN = """
 FROM overlays o JOIN results r ON r.result_id = o.result_id
@@ -122,6 +160,8 @@ def _statement(item: Write) -> tuple[str, tuple]:
             item.created_at,
             item.received_at,
             payload,
+            r.prediction.class_,
+            int(r.prediction.refer),
         )
     if isinstance(item, NewOverlay):
         args = (item.site_id, item.device_id, item.result_id, item.received_at, item.png)
@@ -153,11 +193,43 @@ def _statement(item: Write) -> tuple[str, tuple]:
         hb = item.heartbeat
         body_text = dumps(hb.model_dump(mode="json", by_alias=True))
         return _UPSERT_HEARTBEAT, (hb.site_id, hb.device_id, body_text, item.received_at)
+    if isinstance(item, DeadLetter):
+        return _UPSERT_DEAD_LETTER, (
+            item.key,
+            item.topic,
+            item.site_id,
+            item.device_id,
+            item.category,
+            item.reason,
+            item.received_at,
+            item.received_at,
+            item.size,
+            item.raw[:DEAD_LETTER_BYTES],
+        )
+    if isinstance(item, ClearDeadLetter):
+        return _DELETE_DEAD_LETTER, (item.key,)
     assert_never(item)
 
 
+def _dead_letter(row: tuple, raw: bool) -> StoredDeadLetter:
+    key, topic, site, device, category, reason, first, last, times, size = row[:10]
+    return StoredDeadLetter(
+        str(key),
+        str(topic),
+        site,
+        device,
+        str(category),
+        str(reason),
+        str(first),
+        str(last),
+        int(times),
+        int(size),
+        bytes(row[10]) if raw else None,
+    )
+
+
 def _truthy(value: object) -> bool:
-    """A JSON boolean as the database hands it back (SQLite 1/0, PostgreSQL 'true'/'false')."""
+    """The ``refer`` column as the database hands it back (1/0)."""
     return value in (1, True, "1", "true")
 
 
@@ -171,9 +243,21 @@ class SqlStore(Store):
     @abstractmethod
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]: ...
 
-    @abstractmethod
-    def _json_text(self, column: str, *path: str) -> str:
-        """An SQL expression: the value at ``path`` inside the JSON text in ``column``."""
+    def _backfill(self) -> int:
+        """Fill ``class``/``refer`` of rows stored before those columns; how many."""
+        rows = self._read("SELECT result_id, payload FROM results WHERE class IS NULL")
+        updates = []
+        for rid, payload in rows:
+            pred = json.loads(payload).get("prediction", {})
+            updates.append(
+                (
+                    "UPDATE results SET class = ?, refer = ? WHERE result_id = ?",
+                    (str(pred.get("class")), int(bool(pred.get("refer"))), rid),
+                )
+            )
+        for i in range(0, len(updates), _IN_CHUNK):
+            self._write(updates[i : i + _IN_CHUNK])
+        return len(updates)
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -197,7 +281,7 @@ class SqlStore(Store):
             where.append(f"{p}site_id = ?")
             args.append(filt.site)
         if filt.cls is not None:
-            where.append(f"{self._json_text(p + 'payload', 'prediction', 'class')} = ?")
+            where.append(f"{p}class = ?")
             args.append(filt.cls)
         low, high = filt.created_range()
         if low is not None:
@@ -266,9 +350,8 @@ class SqlStore(Store):
     def feedback_outcomes(self, filt: ResultFilter) -> list[FeedbackOutcome]:
         where, args = self._where(filt, "r")
         clause = f"WHERE {' AND '.join(where)} " if where else ""
-        refer = self._json_text("r.payload", "prediction", "refer")
         rows = self._read(
-            f"SELECT f.result_id, r.site_id, substr(r.created_at, 1, 7), {refer}, "
+            "SELECT f.result_id, r.site_id, substr(r.created_at, 1, 7), r.refer, "
             f"f.received_at, f.payload {_FEEDBACK_JOIN}{clause}"
             "ORDER BY f.result_id, f.received_at, f.feedback_id",
             tuple(args),
@@ -304,3 +387,20 @@ class SqlStore(Store):
                 }
             )
         return out
+
+    def dead_letters(self, limit: int = 100, raw: bool = False) -> list[StoredDeadLetter]:
+        cols = _DEAD_LETTER_COLUMNS + (", raw" if raw else "")
+        rows = self._read(
+            f"SELECT {cols} FROM dead_letters ORDER BY received_at DESC, key LIMIT ?",
+            (int(limit),),
+        )
+        return [_dead_letter(r, raw) for r in rows]
+
+    def dead_letter(self, key: str) -> StoredDeadLetter | None:
+        rows = self._read(
+            f"SELECT {_DEAD_LETTER_COLUMNS}, raw FROM dead_letters WHERE key = ?", (key,)
+        )
+        return _dead_letter(rows[0], True) if rows else None
+
+    def dead_letter_count(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM dead_letters")[0][0])

@@ -14,6 +14,9 @@ The shared SQL lives in :mod:`dashboard.sql`, each back end in its own module;
 :func:`open_store` picks one by URL scheme and imports psycopg only when PostgreSQL is chosen.
 Writes and reads raise :class:`StoreError` when the database cannot serve them: the subscriber
 then leaves the messages unacknowledged (the broker delivers them again), the web answers 503.
+A write the database refuses for what it holds, not for being down, raises
+:class:`StoreRefused`: the subscriber then stores the batch item by item and sends what is
+refused to the dead letters (:class:`DeadLetter`), so one bad message never holds up the rest.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from osteofy.errors import UsageError
 
 class StoreError(Exception):
     """The database could not serve a read or take a write now."""
+
+
+class StoreRefused(StoreError):
+    """The database refused the data itself (it would refuse it again): not an outage."""
 
 
 # --- what can be written ----------------------------------------------------------------------
@@ -70,7 +77,43 @@ class DeviceHeartbeat:
     received_at: str
 
 
-Write = NewResult | NewOverlay | NewFeedback | DeviceStatus | DeviceHeartbeat
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that cannot be stored, kept (bounded) with the reason why.
+
+    ``key`` is the SHA-256 of topic and payload: the same bad message arriving again bumps
+    ``times`` on its row instead of adding one.
+    """
+
+    key: str
+    topic: str
+    site_id: str | None  # as claimed by the topic
+    device_id: str | None
+    category: str
+    reason: str  # one line, no payload content
+    received_at: str
+    size: int  # the payload's full length
+    raw: bytes  # its first DEAD_LETTER_BYTES
+
+
+@dataclass(frozen=True)
+class ClearDeadLetter:
+    """Remove a dead letter (it was replayed and is stored now)."""
+
+    key: str
+
+
+Write = (
+    NewResult
+    | NewOverlay
+    | NewFeedback
+    | DeviceStatus
+    | DeviceHeartbeat
+    | DeadLetter
+    | ClearDeadLetter
+)
+
+DEAD_LETTER_BYTES = 64 * 1024  # what is kept of a dead letter's payload
 
 
 # --- what is read back ------------------------------------------------------------------------
@@ -84,6 +127,27 @@ class StoredResult:
     received_at: str
     has_overlay: bool
     feedback: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StoredDeadLetter:
+    """A dead letter as read back (``raw`` only when asked for)."""
+
+    key: str
+    topic: str
+    site_id: str | None
+    device_id: str | None
+    category: str
+    reason: str
+    first_received_at: str
+    received_at: str
+    times: int
+    size: int
+    raw: bytes | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.size > DEAD_LETTER_BYTES
 
 
 @dataclass(frozen=True)
@@ -153,6 +217,17 @@ class Store(ABC):
 
     @abstractmethod
     def devices(self) -> list[dict]: ...
+
+    @abstractmethod
+    def dead_letters(self, limit: int = 100, raw: bool = False) -> list[StoredDeadLetter]:
+        """Dead letters, most recently received first; ``raw`` adds the kept bytes."""
+
+    @abstractmethod
+    def dead_letter(self, key: str) -> StoredDeadLetter | None:
+        """One dead letter with its kept bytes."""
+
+    @abstractmethod
+    def dead_letter_count(self) -> int: ...
 
     @abstractmethod
     def close(self) -> None: ...

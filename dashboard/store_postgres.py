@@ -6,8 +6,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from dashboard.sql import SCHEMA, SqlStore
-from dashboard.store import StoreError, redact
+from dashboard.sql import RESULT_COLUMNS, SCHEMA, SqlStore
+from dashboard.store import StoreError, StoreRefused, redact
 from osteofy.errors import Unavailable
 
 SCHEMA_LOCK = 7426001  # pg_advisory_xact_lock key: instances starting together take turns
@@ -36,17 +36,16 @@ class PostgresStore(SqlStore):
                     for stmt in SCHEMA.format(blob="BYTEA").split(";"):
                         if stmt.strip():
                             conn.execute(stmt)
-        except psycopg.Error as exc:
+                    for name, kind in RESULT_COLUMNS.items():  # a store of an older release
+                        conn.execute(f"ALTER TABLE results ADD COLUMN IF NOT EXISTS {name} {kind}")
+            self._backfill()
+        except (psycopg.Error, StoreError) as exc:
             raise Unavailable(f"PostgreSQL {redact(url)}: {exc}".strip()) from None
 
     def _connection(self) -> Any:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = self._psycopg.connect(self.url, connect_timeout=5, autocommit=True)
         return self._conn
-
-    def _json_text(self, column: str, *path: str) -> str:
-        # Path elements are our own constants (never request values): safe to inline.
-        return f"(({column})::jsonb #>> '{{{','.join(path)}}}')"
 
     def _write(self, statements: Sequence[tuple[str, tuple]]) -> list[int]:
         with self._lock:
@@ -57,6 +56,14 @@ class PostgresStore(SqlStore):
                     for sql, args in statements:
                         counts.append(conn.execute(_pg(sql), args).rowcount)
                 return counts
+            except (
+                self._psycopg.DataError,
+                self._psycopg.IntegrityError,
+                UnicodeError,
+                OverflowError,
+            ) as exc:
+                # The data, not the database: refused again on every try.
+                raise StoreRefused(f"PostgreSQL refused the data: {type(exc).__name__}") from exc
             except self._psycopg.Error as exc:
                 raise StoreError(f"PostgreSQL: {exc}") from exc
 

@@ -7,8 +7,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from dashboard.sql import SCHEMA, SqlStore
-from dashboard.store import StoreError
+from dashboard.sql import RESULT_COLUMNS, SCHEMA, SqlStore
+from dashboard.store import StoreError, StoreRefused
 
 
 class SqliteStore(SqlStore):
@@ -28,9 +28,15 @@ class SqliteStore(SqlStore):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA.format(blob="BLOB"))
+        self._migrate()
+        self._backfill()
 
-    def _json_text(self, column: str, *path: str) -> str:
-        return f"json_extract({column}, '$.{'.'.join(path)}')"
+    def _migrate(self) -> None:
+        """Add the ``results`` columns a store made by an older release lacks."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+        for name, kind in RESULT_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
 
     def _write(self, statements: Sequence[tuple[str, tuple]]) -> list[int]:
         with self._lock:
@@ -42,6 +48,9 @@ class SqliteStore(SqlStore):
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
+            except (sqlite3.DataError, sqlite3.IntegrityError, UnicodeError, OverflowError) as exc:
+                # The data, not the database: refused again on every try.
+                raise StoreRefused(f"SQLite refused the data: {type(exc).__name__}") from exc
             except sqlite3.Error as exc:
                 raise StoreError(f"SQLite {self.path}: {exc}") from exc
         return counts

@@ -41,6 +41,7 @@ from edge.audit import audit_event
 log = logging.getLogger(__name__)
 
 COOKIE = "osteofy_session"
+DEAD_LETTERS_SHOWN = 20  # on the devices page; /api/dead-letters has them all
 MAX_FORM_BYTES = 4096
 CSP = (
     "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
@@ -293,8 +294,11 @@ class Handler(BaseHTTPRequestHandler):
             body = acceptance_page(acceptance(store, filt), filt)
             title, active = "Clinical acceptance", "acceptance"
         else:
+            section = pages.dead_letter_section(
+                store.dead_letters(limit=DEAD_LETTERS_SHOWN), store.dead_letter_count()
+            )
             body, title, active = (
-                pages.devices_page(store.devices()),
+                pages.devices_page(store.devices(), section),
                 "Clinics and devices",
                 "devices",
             )

@@ -301,7 +301,18 @@ def _cmd_bridge_simulate(args: argparse.Namespace) -> int:
 
 
 def _dashboard_usage(args: argparse.Namespace) -> int:
-    raise UsageError("dashboard: give a command (serve)")
+    raise UsageError("dashboard: give a command (serve, dead-letters)")
+
+
+def _cmd_dashboard_dead_letters(args: argparse.Namespace) -> int:
+    from dashboard.ingest import print_dead_letters
+    from dashboard.store import open_store
+
+    store = open_store(_config(args).dashboard.db_url)
+    try:
+        return print_dead_letters(store, replay_them=args.replay, limit=args.limit)
+    finally:
+        store.close()
 
 
 def _cmd_dashboard_serve(args: argparse.Namespace) -> int:
@@ -548,6 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
     ds = dash_sub.add_parser("serve", help="subscribe, store and serve the web UI and API")
     ds.add_argument("--config", help="configuration file")
     ds.set_defaults(func=_cmd_dashboard_serve)
+    dl = dash_sub.add_parser(
+        "dead-letters", help="list the messages that could not be stored; --replay tries again"
+    )
+    dl.add_argument("--config", help="configuration file")
+    dl.add_argument("--replay", action="store_true", help="run intake again on the kept bytes")
+    dl.add_argument("--limit", type=int, default=100, help="how many to list (default 100)")
+    dl.set_defaults(func=_cmd_dashboard_dead_letters)
     dash.set_defaults(func=_dashboard_usage)
 
     bn = sub.add_parser("bench", help="pipeline benchmark against a research-style baseline")

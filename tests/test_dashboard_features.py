@@ -239,8 +239,9 @@ def test_ingest_commits_a_batch_once_and_answers_per_message(tmp_path: Path) -> 
     assert counters.get("result_stored") == 2 and counters.get("result_duplicate") == 1
     assert counters.get("rejected_json") == 1
     down = _Down(tmp_path / "down.sqlite")
-    # Valid messages wait for redelivery; the invalid one is dropped for good.
-    assert Ingest(down, counters).handle(batch[:2]) == [False, True]
+    # The database is down: the valid message and the invalid one (its dead letter cannot be
+    # written either) both wait for redelivery.
+    assert Ingest(down, counters).handle(batch[:2]) == [False, False]
     assert counters.get("store_errors") == 1
     down.close()
     store.close()
