@@ -135,7 +135,8 @@ def mutated(draw: st.DrawFn, kind: str) -> bytes:
     text = json.dumps(obj, ensure_ascii=draw(st.booleans()))
     if how == "odd_text" and '"' in text:
         odd = json.dumps(draw(ODD_TEXT))  # "\ud800" survives as an escape
-        at = text.index('"', draw(st.integers(0, len(text) - 1)) % len(text)) if '"' in text else 0
+        at = text.find('"', draw(st.integers(0, len(text) - 1)))
+        at = text.index('"') if at < 0 else at  # no quote after the drawn point: the first
         end = text.find('"', at + 1)
         if end > at and text[at - 1] != "\\":
             text = text[:at] + odd + text[end + 1 :]

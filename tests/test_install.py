@@ -137,7 +137,7 @@ def test_a_fresh_site_secret_and_verified_model_packages(device_tree: tuple[Path
     secret = (root / "etc/osteofy/credentials/site-secret").read_text()
     assert re.fullmatch(r"[0-9a-f]{64}\n", secret)
     names = sorted(p.name for p in (root / "opt/osteofy/models").iterdir())
-    assert names == ["hand-v1", "hip-v2"]  # the fusion packages; baselines stay behind
+    assert names == ["hand-v1", "hand-v2", "hip-v2"]  # the fusion packages; baselines stay behind
     for name in names:
         pkg = load_package(root / "opt/osteofy/models" / name, verify=True)  # sha256 of each
         assert pkg.name

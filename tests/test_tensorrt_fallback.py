@@ -23,7 +23,7 @@ from osteofy.errors import Unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
-HAND = MODELS / "hand-v1"
+HAND = MODELS / "hand-v2"  # the newest hand package: the one the device runs
 
 
 def _config(tmp_path: Path, backend: str = "auto") -> Config:
@@ -39,7 +39,7 @@ def _config(tmp_path: Path, backend: str = "auto") -> Config:
 
 
 def _cache_hand_plan(cfg: Config) -> None:
-    """A cached 'engine' for hand-v1 as the fake device would key it (bytes, never run)."""
+    """A cached 'engine' for the hand package as the fake device would key it (bytes, never run)."""
     pkg = load_package(HAND)
     store_engine(
         cfg.data_dir / "engines", key_for(pkg, probe_device(), "int8"), fake_tensorrt.PLAN, {}
