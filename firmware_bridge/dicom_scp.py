@@ -290,6 +290,7 @@ class DicomReceiver:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_PDU_RECV, self._on_pdu),
@@ -377,7 +378,13 @@ class DicomReceiver:
     def _on_pdu(self, event: Any) -> None:
         setattr(event.assoc, _LAST_ACTIVE, time.monotonic())
 
+    def _on_released(self, event: Any) -> None:
+        # The slot is free once the release is agreed, not when the thread has wound down:
+        # a digitizer that opens its next association at once must not find it still taken.
+        setattr(event.assoc, _ADMITTED, False)
+
     def _on_closed(self, event: Any) -> None:
+        setattr(event.assoc, _ADMITTED, False)
         self.gate.forget(_sock_of(event.assoc))
 
     # --- C-STORE -------------------------------------------------------------------------

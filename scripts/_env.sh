@@ -231,7 +231,7 @@ osteofy_device_leg() {
     fi
     osteofy_ensure_venv310 "$python" || return 1
     osteofy_log "python3.10 -m pytest -m device $*"
-    "$OSTEOFY_VENV310/bin/python" -m pytest -m device "$@" || rc=$?
+    env -u OSTEOFY_TEST_PY310 "$OSTEOFY_VENV310/bin/python" -m pytest -m device "$@" || rc=$?
     if [ "$rc" -eq 5 ]; then
         echo "scripts/test: FAILED: pytest -m device on Python 3.10 collected no tests" >&2
     fi
