@@ -1,4 +1,4 @@
-"""Acceptance checks of a virtual cohort (COHORT.md §3.11) and its oracle ceiling.
+"""Acceptance checks of a virtual cohort (docs/cohort.md §3.11) and its oracle ceiling.
 
 The oracle is the Bayes-optimal posterior P(T <= -2.5 | what a model could know), computed from
 the generator's own latent equations on a grid of T values:

@@ -1,4 +1,4 @@
-"""Write one simulated radiograph as a standard DICOM file (COHORT.md §3.9).
+"""Write one simulated radiograph as a standard DICOM file (docs/cohort.md §3.9).
 
 The cohort's images must travel the same road as real ones: PACS import, the device's DICOM
 reader, `dciodvfy`. So every file is a complete CR Image Storage or DX Image Storage - For
@@ -97,7 +97,7 @@ _LOSSY_METHOD = "ISO_15444_1"
 class RadiographMeta:
     """Everything about one simulated radiograph except its pixels.
 
-    The fields mirror the nuisance factors of COHORT.md §3.8 that a real archive would record
+    The fields mirror the nuisance factors of docs/cohort.md §3.8 that a real archive would record
     in the header, so a model trained on the cohort sees the same header variety (detector,
     pitch, photometric, windowing, compression) as in the field.
     """

@@ -1,4 +1,4 @@
-"""Analytic 2-D primitives that accumulate material path lengths (COHORT.md §3.3, step 1).
+"""Analytic 2-D primitives that accumulate material path lengths (docs/cohort.md §3.3, step 1).
 
 Anatomy is described in millimetres in a site's own frame (x to the right, y down, origin at the
 centre of the field). ``Placement`` maps that frame onto the detector grid: rotation, translation,

@@ -1,4 +1,4 @@
-"""Site-specific latent bone status t_s (COHORT.md §3.2).
+"""Site-specific latent bone status t_s (docs/cohort.md §3.2).
 
 t_s = mu_T + rho_s (T - mu_T) + sqrt(1 - rho_s^2) sigma_T eps_s. The image of a site carries a
 noisy copy of T whose noise is independent of the clinical residual: that is what lets a fused
@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 
 from cohort.presets import CohortPreset
 
-# rho_s [E], anchored on published correlations (COHORT.md §3.2 table).
+# rho_s [E], anchored on published correlations (docs/cohort.md §3.2 table).
 SITE_RHO = {"hip": 0.80, "hand": 0.60, "dental": 0.55, "knee": 0.55}
 
 

@@ -1,7 +1,7 @@
-"""Mass attenuation coefficients and the polyenergetic spectrum (COHORT.md §3.3, steps 2-3).
+"""Mass attenuation coefficients and the polyenergetic spectrum (docs/cohort.md §3.3, steps 2-3).
 
 The mu/rho values are approximate NIST XCOM / Hubbell-Seltzer figures (total attenuation with
-coherent scattering, cm2/g) [S45], read at 15-100 keV and interpolated log-log; COHORT.md marks
+coherent scattering, cm2/g) [S45], read at 15-100 keV and interpolated log-log; docs/cohort.md marks
 them "[E, verify against NIST]". They set contrast between materials, which is what the
 simulator needs; they are not a dosimetry reference.
 """
@@ -70,7 +70,7 @@ def spectrum(kvp: float, filtration_mm_al: float = 3.0, bins: int = 4) -> Spectr
     """Kramers spectrum filtered by aluminium, weighted for an energy-integrating detector.
 
     Bins are placed at fixed fractions of the kVp so every tube voltage gets ``bins`` bins with
-    non-negligible weight (COHORT.md: 3-5 bins).
+    non-negligible weight (docs/cohort.md: 3-5 bins).
     """
     fractions = np.linspace(0.36, 0.80, bins)
     e = kvp * fractions

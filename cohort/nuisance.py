@@ -1,4 +1,4 @@
-"""Acquisition and presentation nuisance, drawn independently of the label (COHORT.md §3.8).
+"""Acquisition and presentation nuisance, drawn independently of the label (docs/cohort.md §3.8).
 
 Nothing here reads a patient's T-score or class: the shortcut check of ``cohort.check`` trains a
 classifier on these columns and must find nothing. The one patient-dependent physical quantity,
@@ -20,7 +20,7 @@ DR_PITCHES_MM = (0.125, 0.139, 0.143, 0.15, 0.20)
 
 @dataclass(frozen=True)
 class AcquisitionSpec:
-    """What a site's exposures look like (COHORT.md §3.3, §3.8)."""
+    """What a site's exposures look like (docs/cohort.md §3.3, §3.8)."""
 
     plates_mm: tuple[tuple[float, float], ...]  # (width, height) of the detector plates used
     # CR pitch per plate: smaller plates are read finer [S46].

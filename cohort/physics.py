@@ -1,4 +1,4 @@
-"""The shared image-formation chain (COHORT.md §3.3, steps 2-8).
+"""The shared image-formation chain (docs/cohort.md §3.3, steps 2-8).
 
 path lengths -> polyenergetic primary -> heel effect -> scatter -> (grid lines) -> quantum noise
 -> detector blur (MTF) -> electronic noise and defects -> log -> vendor look -> stored values.
@@ -51,7 +51,7 @@ class Exposure:
 
 
 def primary(paths: dict[str, NDArray], kvp: float) -> NDArray:
-    """Polyenergetic Beer-Lambert transmission I_p / I_0 (COHORT.md §3.3, step 3)."""
+    """Polyenergetic Beer-Lambert transmission I_p / I_0 (docs/cohort.md §3.3, step 3)."""
     spec = spectrum(kvp)
     shape = next(iter(paths.values())).shape
     out = np.zeros(shape, dtype=F32)
@@ -152,7 +152,7 @@ def log_image(counts: NDArray, open_field: float) -> NDArray:
 
 @dataclass(frozen=True)
 class Look:
-    """Vendor-like presentation processing (COHORT.md §3.3 step 8, §3.8)."""
+    """Vendor-like presentation processing (docs/cohort.md §3.3 step 8, §3.8)."""
 
     musm_gain: float
     latitude: float

@@ -1,7 +1,7 @@
 """A cohort plan: every per-case value of a virtual cohort, drawn before any pixel is rendered.
 
 Patients, site T-scores, anatomical variation, biomarkers and nuisance are sampled vectorised
-from independent streams of one seed. The plan is all the acceptance checks need (COHORT.md
+from independent streams of one seed. The plan is all the acceptance checks need (docs/cohort.md
 §3.11), so a 20 000-patient check takes a second, and rendering can be spread over processes
 without changing a single value.
 """

@@ -1,6 +1,6 @@
-"""Cohort presets: the numbers of COHORT.md §3.1 that differ between target populations.
+"""Cohort presets: the numbers of docs/cohort.md §3.1 that differ between target populations.
 
-``brief_cohort`` is the calibrated model of COHORT.md §3.1 verbatim. ``nhanes_2017`` keeps the
+``brief_cohort`` is the calibrated model of docs/cohort.md §3.1 verbatim. ``nhanes_2017`` keeps the
 same structural equation (age, BMI, height and risk-factor effects) and re-solves the two sex
 intercepts so that osteoporosis prevalence matches NHANES 2017-18 for adults aged 50 and over
 (women 19.6 %, men 4.4 %, NCHS Data Brief 405 [S28]); its age, sex and BMI distributions are
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# NHANES III non-Hispanic white women aged 20-29, femoral neck (COHORT.md §2, [S24, S25]).
+# NHANES III non-Hispanic white women aged 20-29, femoral neck (docs/cohort.md §2, [S24, S25]).
 FN_REFERENCE_MEAN = 0.858  # g/cm2
 FN_REFERENCE_SD = 0.120  # g/cm2
 
 
 @dataclass(frozen=True)
 class CohortPreset:
-    """Parameters of the patient sampler (COHORT.md §3.1)."""
+    """Parameters of the patient sampler (docs/cohort.md §3.1)."""
 
     name: str
     p_male: float

@@ -2,7 +2,7 @@
 
 The random streams of a case come from ``SeedSequence(seed).spawn``: one for the anatomy and its
 textures, one for quantum/electronic noise, one for burned-in text. Re-using the anatomy stream
-at another T-score draws the same patient with only the bone changed (COHORT.md §3.10).
+at another T-score draws the same patient with only the bone changed (docs/cohort.md §3.10).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def render_case(
     tone_range: tuple[float, float] | None = None,
 ) -> Rendered:
     """Render one radiograph; with ``counterfactual`` (same patient at another site T-score),
-    also the attribution map A = |p(t) - p(t')| of COHORT.md §3.10, noise-free and low-passed."""
+    also the attribution map A = |p(t) - p(t')| of docs/cohort.md §3.10, noise-free, low-passed."""
     nz = case.nuisance
     placement = placement_for(nz, max_side)
     anat_seed, noise_seed, _ = np.random.SeedSequence(seed).spawn(3)

@@ -1,4 +1,4 @@
-"""Patient sampler: clinical variables and latent femoral-neck T-score (COHORT.md §3.1).
+"""Patient sampler: clinical variables and latent femoral-neck T-score (docs/cohort.md §3.1).
 
 Vectorised over patients; a cohort is a ``Table`` (column name -> numpy array) so the same code
 serves a 200 000-patient calibration run and a 10-image demo.
@@ -26,7 +26,7 @@ RISK_FACTORS = (
     "secondary_osteoporosis",
 )
 
-# Effects on T of each risk factor (COHORT.md §3.1) [E].
+# Effects on T of each risk factor (docs/cohort.md §3.1) [E].
 _RISK_EFFECTS = {
     "smoking": -0.15,
     "glucocorticoids": -0.35,
@@ -71,7 +71,7 @@ def prior_fracture_logit(tscore: NDArray, age: NDArray) -> NDArray:
 
 
 def sample_patients(n: int, rng: np.random.Generator, preset: CohortPreset) -> Table:
-    """Draw ``n`` virtual patients as COHORT.md §3.1 specifies."""
+    """Draw ``n`` virtual patients as docs/cohort.md §3.1 specifies."""
     if n < 0:
         raise ValueError("n must be >= 0")
     male = rng.random(n) < preset.p_male

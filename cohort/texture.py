@@ -1,4 +1,4 @@
-"""Trabecular and cortical textures (COHORT.md §1.4, §3.3).
+"""Trabecular and cortical textures (docs/cohort.md §1.4, §3.3).
 
 ``fbm`` is fractional-Brownian-motion-like noise built from octaves of upsampled white noise
 whose amplitudes scale as (octave size)^H: the expected squared difference grows with distance

@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compress",
         default="auto",
         choices=("auto", "none", "j2k"),
-        help="auto: 20%% lossy JPEG 2000 as COHORT.md; j2k: all lossless",
+        help="auto: 20%% lossy JPEG 2000 as docs/cohort.md; j2k: all lossless",
     )
     sim.add_argument(
         "--no-counterfactual",

@@ -1,4 +1,4 @@
-"""The patient sampler and site model against COHORT.md §3.1/§3.11 (synthetic cohort)."""
+"""The patient sampler and site model against docs/cohort.md §3.1/§3.11 (synthetic cohort)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What every imaged site provides (COHORT.md §3.4-3.7).
+"""What every imaged site provides (docs/cohort.md §3.4-3.7).
 
 A site is three pure steps, so the same patient can be re-drawn at another bone status
 (the counterfactual of §3.10) and the biomarkers can be checked without rendering:

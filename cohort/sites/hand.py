@@ -1,4 +1,4 @@
-"""Hand PA radiograph (COHORT.md §3.4): metacarpal radiogrammetry carries the signal.
+"""Hand PA radiograph (docs/cohort.md §3.4): metacarpal radiogrammetry carries the signal.
 
 The anatomy frame is a right hand seen PA, fingers up (y < 0), thumb towards -x; a left hand is
 the mirror image (``Placement.mirror``). Lengths are in millimetres, scaled with body height.

@@ -1,4 +1,4 @@
-"""Hip / pelvis AP radiograph (COHORT.md §3.5): the proximal femur carries the signal.
+"""Hip / pelvis AP radiograph (docs/cohort.md §3.5): the proximal femur carries the signal.
 
 Frame: AP view, millimetres, x to the viewer's right, y down, origin at the field centre. The
 index hip (the DXA side) is always drawn on the image left, which in the AP convention is the
@@ -141,7 +141,7 @@ class HipSite:
             ),
             "abmd_delta": rng.normal(0.0, 0.03, n),  # DXA-vs-radiograph discrepancy [E]
             "cti_noise": rng.normal(0.0, 0.015, n),
-            # COHORT.md §3.5 gives N(0, 0.8); with rho_hip = 0.8 that yields r(G, T) = 0.54, just
+            # docs/cohort.md §3.5 gives N(0, 0.8); with rho_hip = 0.8 gives r(G, T) = 0.54, just
             # above the published 0.3-0.5 [S10, S11], so the noise is widened to 1.0 (r = 0.50).
             "singh_noise": rng.normal(0.0, 1.0, n),
             "hurst_noise": rng.normal(0.0, 0.045, n),

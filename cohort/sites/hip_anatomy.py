@@ -1,4 +1,4 @@
-"""Hip anatomy for the AP pelvis (COHORT.md §3.5): layout constants, outlines, DXA closure.
+"""Hip anatomy for the AP pelvis (docs/cohort.md §3.5): layout constants, outlines, DXA closure.
 
 Everything here is a pure function of a case's variation and biomarkers and none of it touches
 a ``Scene``: ``HipSite`` and the hip drawing modules (``hip_pelvis``, ``hip_trabecular``,
@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 
 from cohort.sites.silhouette import chaikin, line_points, unit
 
-RHO_MIN = 1.15  # g/cm3, mineral density of the closure model (COHORT.md §3.5) [E]
+RHO_MIN = 1.15  # g/cm3, mineral density of the closure model (docs/cohort.md §3.5) [E]
 CORTEX_PER_SCALE_MM = 1.6  # c = 1.6 mm * s
 BVTV_PER_SCALE = 0.18  # f = 0.18 * s
 CLOSURE_ITERATIONS = 48  # bisection halvings: the bracket ends far below 1e-9 of a scale unit

@@ -1,4 +1,4 @@
-"""Nuisance of the AP hip view (COHORT.md §3.5): collimator shutters, bowel gas, implants.
+"""Nuisance of the AP hip view (docs/cohort.md §3.5): collimator shutters, bowel gas, implants.
 
 None of these depends on bone status, and each draws from the case's generator in a fixed
 order, so the counterfactual render differs from the original only in the bones. Each sets its
@@ -19,7 +19,7 @@ F32 = np.float32
 
 
 def collimate(scene: Scene, rng: np.random.Generator) -> NDArray | None:
-    """Lateral collimator shutters near the skin edges (COHORT.md §3.5 nuisance), in 80 %.
+    """Lateral collimator shutters near the skin edges (docs/cohort.md §3.5 nuisance), in 80 %.
 
     The shutters are parallel to the plate edges and set from the body outline, a few mm
     outside it or cutting slightly in, as technologists collimate a pelvis. Outside them the

@@ -38,7 +38,7 @@ def fine_trabecular_texture(
     """Mean-1 trabecular mottle: fBm over 0.4-3.2 mm (four octaves).
 
     ``texture.trabecular_texture`` adds octaves up to ~1 cm, which on the large flat bones of
-    the pelvis read as clouds; the Hurst exponent still sets the roughness (COHORT.md §3.5).
+    the pelvis read as clouds; the Hurst exponent still sets the roughness (docs/cohort.md §3.5).
     The oriented Singh groups are added on top by ``trabecular_density``.
     """
     n = fbm(shape, hurst, rng, finest_px=max(0.4 / mm_per_pixel, 1.0), octaves=4)
